@@ -1,0 +1,50 @@
+# OncoFusion: `make demo` serves every bundle on the synthetic sample data; `make test` runs the tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+HOST ?= 127.0.0.1
+PORT ?= 8000
+SAMPLE_DIR := sample_data/lung
+SAMPLE_CASES ?= 120
+
+.PHONY: setup sample-data demo-weights demo test test-fast bench lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[serve,dev]"
+	$(PY) -m pip install -q --no-deps -c constraints.txt monailabel==0.8.5
+	touch $@
+
+sample-data: $(SAMPLE_DIR)/manifest.json
+
+$(SAMPLE_DIR)/manifest.json: | setup
+	$(PY) -m sample_data.generate_lung --out $(SAMPLE_DIR) --num-cases $(SAMPLE_CASES) --seed 0
+
+# Demo weights are trained on the synthetic sample set the first time they are needed.
+demo-weights: bundles/lung_nodule_clip/models/model.pt
+
+bundles/lung_nodule_clip/models/model.pt: | sample-data
+	$(PY) -m oncofusion.cli train-demo --bundle bundles/lung_nodule_clip --manifest $(SAMPLE_DIR)/manifest.json
+
+demo: setup sample-data demo-weights
+	$(VENV)/bin/monailabel start_server --app apps/oncofusion --studies $(SAMPLE_DIR)/datastore \
+		--conf models all --host $(HOST) --port $(PORT)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not server" tests
+
+bench: setup sample-data demo-weights
+	$(PY) -m bench.run
+
+lint: setup
+	$(VENV)/bin/ruff check oncofusion apps bundles sample_data tests bench
+
+clean:
+	rm -rf $(VENV) $(SAMPLE_DIR) runs

@@ -1,0 +1,1 @@
+"""Data readers and manifests: LIDC-IDRI annotations (:mod:`.lidc`), case manifests (:mod:`.manifest`)."""

@@ -1,0 +1,1 @@
+"""MONAI Label glue: bundle -> infer/train tasks, request validation, result writers."""
