@@ -1,0 +1,1 @@
+"""Discrimination and calibration metrics with bootstrap confidence intervals."""

@@ -1,0 +1,1 @@
+"""Encoders, pooling, fusion blocks and heads; one file a network family."""
