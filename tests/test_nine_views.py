@@ -86,3 +86,16 @@ def test_training_shifts_move_the_views_and_are_seeded():
     assert still.shape == (NUM_VIEWS, 32, 32)
     assert torch.equal(first, again)
     assert not torch.allclose(first, still)
+
+
+@pytest.mark.parametrize(("order", "tolerance"), [(1, 1e-6), (3, 2e-3)])
+def test_a_64_mm_cube_holds_every_sample_the_shifted_views_reach(order, tolerance):
+    """The bundles crop 64 mm instead of the authors' 100 mm: the nine views must not notice."""
+    rng = np.random.default_rng(3)
+    large = gaussian_filter(rng.normal(size=(100, 100, 100)), 2).astype(np.float32)
+    small = large[18:82, 18:82, 18:82]
+    shifts = np.array([[-5, 4]] * 9)
+    offsets = np.array([-3, 2, -3, 2, -3, 2, -3, 2, -3])
+    from_large = extract_nine_views(large, 50, 50, order, offsets, shifts)
+    from_small = extract_nine_views(small, 50, 50, order, offsets, shifts)
+    np.testing.assert_allclose(from_small, from_large, atol=tolerance * np.abs(large).max())

@@ -30,6 +30,11 @@ VIEW_PLANES: tuple[tuple[tuple[int, int] | None, int], ...] = (
     ((1, 2), 2),
 )
 NUM_VIEWS = len(VIEW_PLANES)
+# the cube's axes run along L, P, S, so the planes normal to them are sagittal, coronal and axial
+VIEW_NAMES: tuple[str, ...] = (
+    "sagittal", "coronal", "axial",
+    "oblique L-S 1", "oblique L-S 2", "oblique L-P 1", "oblique L-P 2", "oblique P-S 1", "oblique P-S 2",
+)
 ROTATION_DEGREES = 45.0
 
 

@@ -1,0 +1,1 @@
+"""Batch prediction over a datalist and the evaluation report built from it."""
