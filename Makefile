@@ -25,10 +25,10 @@ $(SAMPLE_DIR)/manifest.json: | setup
 	$(PY) -m sample_data.generate_lung --out $(SAMPLE_DIR) --num-cases $(SAMPLE_CASES) --seed 0
 
 # Demo weights are trained on the synthetic sample set the first time they are needed.
-demo-weights: bundles/lung_nodule_clip/models/model.pt
+demo-weights: bundles/lung_nodule_clip/models/fold0/model.pt
 
-bundles/lung_nodule_clip/models/model.pt: | sample-data
-	$(PY) -m oncofusion.cli train-demo --bundle bundles/lung_nodule_clip --manifest $(SAMPLE_DIR)/manifest.json
+bundles/lung_nodule_clip/models/fold0/model.pt: | sample-data
+	$(PY) -m oncofusion.cli train --bundle bundles/lung_nodule_clip --datalist-file $(SAMPLE_DIR)/manifest.json --folds 5
 
 demo: setup sample-data demo-weights
 	$(VENV)/bin/monailabel start_server --app apps/oncofusion --studies $(SAMPLE_DIR)/datastore \

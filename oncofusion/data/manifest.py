@@ -30,7 +30,9 @@ REQUIRED_CASE_KEYS: tuple[str, ...] = (
 def _read_json(path: Path) -> dict:
     """Read the manifest file, turning the usual failures into errors that name it."""
     if not path.is_file():
-        raise ValueError(f"manifest {path} does not exist; generate one with `python -m sample_data.generate_lung`")
+        raise ValueError(
+            f"manifest {path} does not exist; generate one with `python -m sample_data.generate_lung`"
+        )
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -52,7 +54,9 @@ def _check_case(case: object, index: int, path: Path) -> None:
             raise ValueError(f"manifest {path}: case {name} lacks the key '{key}'")
     center = case["center_mm"]
     if not isinstance(center, list | tuple) or len(center) != 3:
-        raise ValueError(f"manifest {path}: case {name} key 'center_mm' must be [x, y, z] in mm, got {center!r}")
+        raise ValueError(
+            f"manifest {path}: case {name} key 'center_mm' must be [x, y, z] in mm, got {center!r}"
+        )
 
 
 def load_manifest(path: str | Path) -> list[dict]:

@@ -104,7 +104,7 @@ class ConvImageTower(nn.Module):
         self.out_features = out_features
         self.encoder = ResNet(
             block="basic", layers=list(layers), block_inplanes=list(channels), spatial_dims=2,
-            n_input_channels=1, num_classes=out_features,
+            n_input_channels=1, num_classes=out_features, conv1_t_stride=2,
         )
 
     def forward(self, views: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from oncofusion.networks.nodule_clip import NoduleCLIP
+from oncofusion.networks.trainable import load_trainable_state
 from oncofusion.serving.predictor import InvalidRequest, Prediction, Roi
 from oncofusion.transforms.geometry import cube_affine, voxel_to_world, world_to_voxel
 from oncofusion.transforms.nine_views import VIEW_NAMES
@@ -45,7 +46,7 @@ class NoduleCLIPEnsemble(nn.Module):
         self.fold_ids = [_fold_id(path) for path in checkpoints]
         for path in checkpoints:
             member = copy.deepcopy(network)
-            member.load_state_dict(load_state_dict(path, "cpu"))
+            load_trainable_state(member, load_state_dict(path, "cpu"))
             member.to(device).eval()
             embeddings.append(self._embed_prompts(member))
             member.text_tower, member.text_projection = None, None

@@ -49,7 +49,9 @@ class RandReportAugmentd(RandomizableTransform, MapTransform):
     def _augment(self, text: object, rng: np.random.Generator, key: Hashable) -> str:
         """Apply the drawn operations to one string."""
         if not isinstance(text, str):
-            raise TypeError(f"RandReportAugmentd expects a string under key '{key}', got {type(text).__name__}")
+            raise TypeError(
+                f"RandReportAugmentd expects a string under key '{key}', got {type(text).__name__}"
+            )
         if self._do_swap:
             text = swap_synonyms(text, rng)
         if self._do_crop:
