@@ -1,0 +1,275 @@
+"""One MONAI Label infer task per bundle, driven only by the bundle's ``predictor`` contract.
+
+The task is a *deepgrow* model for MONAI Label: 3D Slicer lists only segmentation, detection,
+deepgrow, deepedit and scribbles models, and only deepgrow/deepedit models receive the user's
+clicks. The clicks become a :class:`~oncofusion.serving.predictor.Roi`; the predictor's JSON goes back
+to the client and, when it draws something, a label volume on the image grid.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.bundle import ConfigParser
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
+from oncofusion.serving.image_cache import ImageCache
+from oncofusion.serving.predictor import InvalidRequest, Prediction, Predictor
+from oncofusion.serving.request import merge_fields, parse_roi, read_sidecar
+
+logger = logging.getLogger(__name__)
+
+#: key under the datastore's image info where every prediction's JSON is kept, per model
+PREDICTIONS_KEY = "oncofusion_predictions"
+
+# one datastore file is shared by every task: serialise read-merge-write of image info
+_DATASTORE_LOCK = threading.Lock()
+
+
+def load_metadata(bundle_dir: str | os.PathLike) -> dict[str, Any]:
+    """``configs/metadata.json`` with the keys the app shows (name, version, description, task)."""
+    path = Path(bundle_dir) / "configs" / "metadata.json"
+    with open(path) as f:
+        metadata = json.load(f)
+    missing = [k for k in ("name", "version", "description", "task") if k not in metadata]
+    if missing:
+        logger.warning("%s lacks %s", path, ", ".join(missing))
+    return metadata
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost error: MONAI wraps a component's own message in 'Failed to instantiate ...'."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return f"{type(error).__name__}: {error}"
+
+
+def to_jsonable(value: Any) -> Any:
+    """Numpy/torch scalars and arrays -> plain JSON types (predictors return whatever is natural)."""
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float | int | str | bool) or value is None:
+        return value
+    return str(value)
+
+
+def write_label(label: np.ndarray | torch.Tensor, affine: np.ndarray, shape: tuple[int, ...]) -> str:
+    """Write a label volume on the image grid as NIfTI with the image's affine; return the temp path."""
+    array = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
+    while array.ndim > 3 and array.shape[0] == 1:
+        array = array[0]
+    if tuple(array.shape) != tuple(shape):
+        raise RuntimeError(
+            f"predictor returned a label of shape {array.shape}, expected the image shape {shape}"
+        )
+    dtype = np.uint8 if array.min() >= 0 and array.max() <= 255 else np.int16
+    image = nib.Nifti1Image(np.ascontiguousarray(array.astype(dtype)), np.asarray(affine, dtype=np.float64))
+    image.set_qform(image.affine, code=1)
+    image.set_sform(image.affine, code=1)
+    fd, path = tempfile.mkstemp(suffix=".nii.gz", prefix="oncofusion_label_")
+    os.close(fd)
+    nib.save(image, path)
+    return path
+
+
+class BundleInferTask(InferTask):
+    """Serve ``<bundle>/configs/inference.json``'s ``predictor`` as a deepgrow model.
+
+    The predictor is built on first use, so starting the server (and every train subprocess, which
+    re-creates the app) does not load weights it may never need.
+
+    ``always_label``: answer with an empty label volume when the predictor draws nothing. The MONAI
+    Label 0.8.5 client (also bundled in the Slicer plugin) parses a JSON-only ``/infer`` answer as
+    bytes and fails, so a multipart answer with a label file is the one every client reads.
+    """
+
+    def __init__(
+        self,
+        bundle_dir: str | os.PathLike,
+        image_cache: ImageCache,
+        sidecar_dir: str | os.PathLike | None = None,
+        datastore: Datastore | None = None,
+        device: str | torch.device | None = None,
+        name: str | None = None,
+        always_label: bool = True,
+    ):
+        self.bundle_dir = Path(bundle_dir).resolve()
+        self.name = name or self.bundle_dir.name
+        self.metadata = load_metadata(self.bundle_dir)
+        self.version = str(self.metadata.get("version", ""))
+        self.config_path = self.bundle_dir / "configs" / "inference.json"
+        self.image_cache = image_cache
+        self.sidecar_dir = Path(sidecar_dir) if sidecar_dir else None
+        self.datastore = datastore
+        self.device = torch.device(device) if device else default_device()
+        self.always_label = always_label
+        self._predictor: Predictor | None = None
+        self._signature: tuple[tuple[str, int, int], ...] = ()
+        self._build_error: str | None = None
+        self._lock = threading.Lock()
+        description = self.metadata.get("description") or self.metadata.get("name", self.name)
+        super().__init__(type=InferType.DEEPGROW, labels=None, dimension=3, description=description)
+
+    # -- predictor -----------------------------------------------------------------------------------
+    @property
+    def predictor(self) -> Predictor:
+        """The bundle's predictor, built on first use and rebuilt when ``<bundle>/models`` changes (a
+        training run published new weights). A bundle that cannot load (e.g. not trained yet) answers
+        503 with the root cause and is retried on the next call."""
+        signature = self._models_signature()
+        if self._predictor is None or signature != self._signature:
+            with self._lock:
+                if self._predictor is None or signature != self._signature:
+                    if self._predictor is not None:
+                        logger.info("%s: weights changed; reloading the predictor", self.name)
+                    try:
+                        self._predictor = self._build_predictor()
+                    except Exception as e:
+                        self._predictor = None
+                        reason = _root_cause(e)
+                        if reason != self._build_error:
+                            logger.exception("%s: cannot build the predictor", self.name)
+                        self._build_error = reason
+                        raise InvalidRequest(f"model '{self.name}' is unavailable: {reason}", 503) from e
+                    self._signature, self._build_error = signature, None
+        return self._predictor
+
+    def _models_signature(self) -> tuple[tuple[str, int, int], ...]:
+        models = self.bundle_dir / "models"
+        if not models.is_dir():
+            return ()
+        files = (p for p in models.rglob("*") if p.is_file())
+        return tuple(sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files))
+
+    def _build_predictor(self) -> Predictor:
+        start = time.time()
+        parser = ConfigParser()
+        parser.read_config(str(self.config_path))
+        parser["bundle_root"] = str(self.bundle_dir)
+        parser["device"] = self.device
+        predictor = parser.get_parsed_content("predictor")
+        if not callable(getattr(predictor, "predict", None)):
+            raise TypeError(f"{self.config_path}: 'predictor' has no predict(image, roi, fields) method")
+        labels = getattr(predictor, "label_names", None)
+        if labels:
+            self.labels = list(labels) if not isinstance(labels, dict) else dict(labels)
+        logger.info(
+            "%s: predictor %s ready on %s in %.1fs",
+            self.name,
+            type(predictor).__name__,
+            self.device,
+            time.time() - start,
+        )
+        return predictor
+
+    def _try_predictor(self) -> Predictor | None:
+        """For ``/info``: a bundle that cannot load is listed with the reason instead of breaking ``/info``."""
+        try:
+            return self.predictor
+        except InvalidRequest:
+            return None
+
+    # -- MONAI Label interface -----------------------------------------------------------------------
+    def is_valid(self) -> bool:
+        return self.config_path.is_file()
+
+    def config(self) -> dict[str, Any]:
+        predictor = self._try_predictor()
+        return copy.deepcopy(dict(getattr(predictor, "config_options", {}) or {})) if predictor else {}
+
+    def info(self) -> dict[str, Any]:
+        info = super().info()  # calls config(), which builds the predictor and fills self.labels
+        info["labels"] = self.labels
+        info["version"] = self.version
+        info["task"] = self.metadata.get("task", "")
+        if self._predictor is None and self._build_error:
+            info["description"] = f"{self.description} [unavailable: {self._build_error}]"
+        return info
+
+    def __call__(self, request: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+        """Run one prediction; ``request["image"]`` is a path, ``request["image_id"]`` the datastore id."""
+        start = time.time()
+        image_id = request.get("image_id")
+        image = self.image_cache.get(request["image"])
+        loaded = time.time()
+
+        roi = parse_roi(request, tuple(image.shape[1:]))
+        predictor = self.predictor
+        fields = merge_fields(
+            request, read_sidecar(self.sidecar_dir, image_id), getattr(predictor, "config_options", {}) or {}
+        )
+        prediction: Prediction = predictor.predict(image, roi, fields)
+        predicted = time.time()
+
+        label_file = None
+        label = prediction.label
+        if label is None and self.always_label:
+            label = np.zeros(tuple(image.shape[1:]), np.uint8)
+        if label is not None:
+            label_file = write_label(label, image.affine.cpu().numpy(), tuple(image.shape[1:]))
+        written = time.time()
+
+        result = to_jsonable(dict(prediction.result))
+        result.update(
+            {
+                "label_names": to_jsonable(dict(prediction.label_names)),
+                "model": self.name,
+                "model_version": self.version,
+                "roi_center_ijk": [round(float(v), 2) for v in roi.center_ijk()],
+                "latencies": {
+                    "load": round(loaded - start, 3),
+                    "predict": round(predicted - loaded, 3),
+                    "write": round(written - predicted, 3),
+                    "total": round(time.time() - start, 3),
+                },
+            }
+        )
+        self._persist(image_id, result)
+        logger.info(
+            "%s: prediction in %.2fs (load %.2fs)",
+            self.name,
+            result["latencies"]["total"],
+            result["latencies"]["load"],
+        )
+        return label_file, result
+
+    def _persist(self, image_id: str | None, result: dict[str, Any]) -> None:
+        """Keep every prediction's JSON on its study (stock MONAI Label saves only label files).
+
+        Read, merge, write: other models' predictions and any other image info stay intact.
+        """
+        if self.datastore is None or not image_id or not self.datastore.get_image_uri(image_id):
+            return
+        record = {**result, "ts": int(time.time())}
+        try:
+            with _DATASTORE_LOCK:
+                stored = self.datastore.get_image_info(image_id).get(PREDICTIONS_KEY) or {}
+                stored = {**stored, self.name: record}
+                self.datastore.update_image_info(image_id, {PREDICTIONS_KEY: stored})
+        except Exception:
+            # the clinician still gets the answer; a read-only or remote datastore must not block it
+            logger.exception("%s: could not store the prediction in the datastore", self.name)

@@ -1,0 +1,249 @@
+"""Turn a MONAI Label infer request into a :class:`Roi` and the fields a predictor reads.
+
+What 3D Slicer's MONAI Label plugin sends for a deepgrow model (``MONAILabel.py``, ``onClickDeepgrow``):
+
+- ``foreground``: ``[[i, j, k], ...]`` integer voxel indices of the clicks (RAS -> IJK, rounded);
+- ``background``: the same for negative clicks (passed through to the predictor untouched);
+- ``roi``: a box as ``[i0, i1, j0, j1, k0, k1]``, corners mapped RAS -> IJK one by one, so an axis
+  flipped by the image orientation arrives with ``i0 > i1``;
+- ``label``: the *name* of the Slicer segment. The ``/infer`` endpoint also stores the path of an
+  uploaded label file under ``label``; only an existing file is read as a mask.
+
+Parameters may also arrive as JSON strings (``"[[1, 2, 3]]"``) from clients that form-encode them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from oncofusion.serving.image_cache import NIFTI_SUFFIXES, read_volume
+from oncofusion.serving.predictor import InvalidRequest, Roi
+
+logger = logging.getLogger(__name__)
+
+Point = tuple[float, float, float]
+
+#: request keys that belong to MONAI Label or to the ROI, not to the model
+RESERVED_KEYS = frozenset(
+    {
+        "model",
+        "image",
+        "image_id",
+        "description",
+        "device",
+        "client_id",
+        "save_label",
+        "label_tag",
+        "result_extension",
+        "result_dtype",
+        "result_compress",
+        "session",
+        "session_id",
+        "timeout",
+        "output",
+        "logging",
+        "foreground",
+        "roi",
+        "label",
+    }
+)
+
+#: sidecar keys that never reach a predictor: ``label``/``label_name`` are the training target (the
+#: answer), the rest is the ROI used for training, while at inference the ROI is the user's click.
+SIDECAR_PRIVATE_KEYS = frozenset({"label", "label_name", "center_ijk", "center_mm", "roi", "foreground"})
+
+
+def _fmt(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def _fmt_point(point: Sequence[float]) -> str:
+    return "(" + ", ".join(_fmt(v) for v in point) + ")"
+
+
+def _fmt_shape(shape: Sequence[int]) -> str:
+    return "x".join(str(int(s)) for s in shape)
+
+
+def decode_param(value: Any, name: str) -> Any:
+    """Accept a parameter either as JSON-decoded data or as a JSON string."""
+    if isinstance(value, str | bytes):
+        text = value.decode() if isinstance(value, bytes) else value
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InvalidRequest(f"'{name}' is not valid JSON: {text[:80]!r}") from e
+    return value
+
+
+def _number(value: Any, name: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise InvalidRequest(f"'{name}' {where} has a non-numeric coordinate {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise InvalidRequest(f"'{name}' {where} has a non-finite coordinate {value!r}")
+    return value
+
+
+def _is_sequence(value: Any) -> bool:
+    return isinstance(value, list | tuple)
+
+
+def parse_points(value: Any, name: str = "foreground") -> list[Point]:
+    """``[[i, j, k], ...]`` or a single ``[i, j, k]`` (also as a JSON string) -> list of points."""
+    value = decode_param(value, name)
+    if value is None:
+        return []
+    if not _is_sequence(value):
+        raise InvalidRequest(f"'{name}' must be a point [i, j, k] or a list of points, got {value!r}")
+    if len(value) and not any(_is_sequence(v) for v in value):
+        value = [value]  # a single point
+    points: list[Point] = []
+    for n, point in enumerate(value):
+        where = f"point {n}"
+        if not _is_sequence(point) or len(point) != 3:
+            raise InvalidRequest(f"'{name}' {where} must have 3 coordinates (i, j, k), got {point!r}")
+        x, y, z = (_number(v, name, where) for v in point)
+        points.append((x, y, z))
+    return points
+
+
+def parse_box(value: Any, name: str = "roi") -> tuple[Point, Point] | None:
+    """A box as ``[[i0, j0, k0], [i1, j1, k1]]`` or Slicer's flat ``[i0, i1, j0, j1, k0, k1]``.
+
+    Corners are sorted per axis, because Slicer maps the RAS corners to IJK independently.
+    """
+    value = decode_param(value, name)
+    if value is None or (_is_sequence(value) and len(value) == 0):
+        return None
+    usage = f"'{name}' must be [[i0, j0, k0], [i1, j1, k1]] or [i0, i1, j0, j1, k0, k1], got {value!r}"
+    if not _is_sequence(value):
+        raise InvalidRequest(usage)
+    if len(value) == 2 and all(_is_sequence(c) and len(c) == 3 for c in value):
+        a = [_number(v, name, "corner") for v in value[0]]
+        b = [_number(v, name, "corner") for v in value[1]]
+    elif len(value) == 6 and not any(_is_sequence(v) for v in value):
+        flat = [_number(v, name, "box") for v in value]
+        a, b = flat[0::2], flat[1::2]
+    else:
+        raise InvalidRequest(usage)
+    lo = tuple(min(x, y) for x, y in zip(a, b, strict=True))
+    hi = tuple(max(x, y) for x, y in zip(a, b, strict=True))
+    return lo, hi  # type: ignore[return-value]
+
+
+def check_inside(points: Sequence[Point], shape: Sequence[int]) -> None:
+    """Reject a click that does not land on a voxel (indices round to 0..size-1)."""
+    for point in points:
+        if any(not (0 <= math.floor(p + 0.5) <= s - 1) for p, s in zip(point, shape, strict=True)):
+            raise InvalidRequest(f"ROI point {_fmt_point(point)} lies outside image {_fmt_shape(shape)}")
+
+
+def clip_box(box: tuple[Point, Point], shape: Sequence[int]) -> tuple[Point, Point]:
+    """Clip a box to the volume (users draw loose boxes); a box that misses the volume is an error."""
+    lo, hi = box
+    if any(h < -0.5 or lo_ > s - 0.5 for lo_, h, s in zip(lo, hi, shape, strict=True)):
+        raise InvalidRequest(
+            f"ROI box {_fmt_point(lo)}-{_fmt_point(hi)} lies outside image {_fmt_shape(shape)}"
+        )
+    lo_c = tuple(float(min(max(v, 0), s - 1)) for v, s in zip(lo, shape, strict=True))
+    hi_c = tuple(float(min(max(v, 0), s - 1)) for v, s in zip(hi, shape, strict=True))
+    return lo_c, hi_c  # type: ignore[return-value]
+
+
+def _looks_like_path(value: str) -> bool:
+    return os.sep in value or value.lower().endswith((*NIFTI_SUFFIXES, ".nrrd"))
+
+
+def read_mask(
+    value: Any, shape: Sequence[int], reader: Callable[..., Any] = read_volume
+) -> np.ndarray | None:
+    """Read ``label`` as a mask when it is a file; a Slicer segment name is not a mask and gives None."""
+    if not isinstance(value, str) or not value:
+        return None
+    if not os.path.isfile(value):
+        if _looks_like_path(value):
+            raise InvalidRequest(f"label mask file '{Path(value).name}' not found", 400)
+        return None  # the Slicer segment name
+    mask = reader(value, what="label mask")
+    mask_shape = tuple(mask.shape[1:])
+    if mask_shape != tuple(shape):
+        raise InvalidRequest(
+            f"label mask '{Path(value).name}' has shape {_fmt_shape(mask_shape)} but the image is "
+            f"{_fmt_shape(shape)}: send a mask on the image grid"
+        )
+    mask_np = (mask[0] > 0).cpu().numpy().astype(np.uint8)
+    if not mask_np.any():
+        raise InvalidRequest(
+            f"label mask '{Path(value).name}' is empty: draw the lesion or send a foreground point"
+        )
+    return mask_np
+
+
+def parse_roi(
+    request: Mapping[str, Any], shape: Sequence[int], reader: Callable[..., Any] = read_volume
+) -> Roi:
+    """Build the :class:`Roi` of a request on an image of spatial ``shape`` (I, J, K), validating every part."""
+    points = parse_points(request.get("foreground"), "foreground")
+    check_inside(points, shape)
+    box = parse_box(request.get("roi"), "roi")
+    if box is not None:
+        box = clip_box(box, shape)
+    mask = read_mask(request.get("label"), shape, reader)
+    if not points and box is None and mask is None:
+        raise InvalidRequest(
+            "no lesion given: send a 'foreground' point [[i, j, k]], an 'roi' box [i0, i1, j0, j1, k0, k1] "
+            "or a 'label' mask file"
+        )
+    return Roi(points=points, box=box, mask=mask)
+
+
+def request_fields(request: Mapping[str, Any]) -> dict[str, Any]:
+    """The request parameters meant for the model (MONAI Label's own keys and the ROI removed)."""
+    return {k: v for k, v in request.items() if k not in RESERVED_KEYS}
+
+
+def sidecar_path(sidecar_dir: str | os.PathLike, image_id: str) -> Path | None:
+    """``<sidecar_dir>/<image_id>.json``; None for ids that are not plain names (no path traversal)."""
+    if not image_id or image_id in (".", "..") or "/" in image_id or "\\" in image_id:
+        return None
+    return Path(sidecar_dir) / f"{image_id}.json"
+
+
+def read_sidecar(sidecar_dir: str | os.PathLike | None, image_id: str | None) -> dict[str, Any]:
+    """The per-study JSON (report, clinical fields, training label) or ``{}`` when the study has none."""
+    if not sidecar_dir or not image_id:
+        return {}
+    path = sidecar_path(sidecar_dir, image_id)
+    if path is None or not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise InvalidRequest(f"sidecar '{path.name}' is not valid JSON: {e}: fix or remove it") from e
+    if not isinstance(data, dict):
+        raise InvalidRequest(f"sidecar '{path.name}' must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def option_default(value: Any) -> Any:
+    """MONAI Label's convention for a config option: a list offers choices and the first is the default."""
+    return value[0] if isinstance(value, list) and value else value
+
+
+def merge_fields(
+    request: Mapping[str, Any], sidecar: Mapping[str, Any], defaults: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Request parameters win, the study's sidecar fills what the request lacks, then option defaults."""
+    fields = {k: option_default(v) for k, v in defaults.items()}
+    fields.update({k: v for k, v in sidecar.items() if k not in SIDECAR_PRIVATE_KEYS})
+    fields.update(request_fields(request))
+    return fields

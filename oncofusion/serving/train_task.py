@@ -1,0 +1,299 @@
+"""Train a bundle from the datastore's studies and their multimodal sidecars.
+
+Stock MONAI Label trains from image + label-mask pairs. Here a training record is a study, the lesion
+position, its class and the text and clinical fields in ``<datastore>/sidecars/<image_id>.json``.
+The records are written as a case manifest (:mod:`oncofusion.data.manifest`), the same file a bundle
+trains from offline, so ``train.json`` reads both the same way.
+
+MONAI Label runs ``/train`` in a background subprocess of its own (``monailabel.utils.async_tasks``),
+which re-creates the app and calls this task; the task runs the bundle's ``configs/train.json`` in
+one more subprocess with a time limit, so neither the server nor a stuck run can hang forever.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.train import TrainTask
+
+from oncofusion.serving.image_cache import image_affine
+from oncofusion.serving.infer_task import load_metadata
+from oncofusion.serving.predictor import InvalidRequest
+from oncofusion.serving.request import parse_box, parse_points, read_sidecar
+
+logger = logging.getLogger(__name__)
+
+STATUS_FILE = "status.json"
+
+
+def sidecar_center_ijk(sidecar: dict[str, Any]) -> np.ndarray | None:
+    """The lesion centre of a sidecar: ``center_ijk``, else the centre of ``roi``, else of ``foreground``."""
+    if sidecar.get("center_ijk") is not None:
+        points = parse_points(sidecar["center_ijk"], "center_ijk")
+        return np.asarray(points, float).mean(axis=0) if points else None
+    box = parse_box(sidecar.get("roi"), "roi")
+    if box is not None:
+        return (np.asarray(box[0]) + np.asarray(box[1])) / 2.0
+    points = parse_points(sidecar.get("foreground"), "foreground")
+    return np.asarray(points, float).mean(axis=0) if points else None
+
+
+def _label_key(label: Any) -> str:
+    return json.dumps(label, sort_keys=True)
+
+
+def assign_folds(records: list[dict[str, Any]], num_folds: int) -> None:
+    """Give every record without a ``fold`` a patient-level one, in place, balanced by label.
+
+    All studies of a patient share a fold (no patient on both sides of a split); patients are dealt
+    round-robin within each label, in a fixed order, so a re-run builds the same folds.
+    """
+    pending: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        if record.get("fold") is None:
+            pending.setdefault(str(record["patient_id"]), []).append(record)
+    by_label: dict[str, list[str]] = {}
+    for patient, cases in sorted(pending.items()):
+        majority = Counter(_label_key(c["label"]) for c in cases).most_common(1)[0][0]
+        by_label.setdefault(majority, []).append(patient)
+    dealt = 0
+    for label in sorted(by_label):
+        for patient in by_label[label]:
+            for case in pending[patient]:
+                case["fold"] = dealt % max(num_folds, 1)
+            dealt += 1
+
+
+class BundleTrainTask(TrainTask):
+    """Build a multimodal datalist and run ``python -m monai.bundle run`` on the bundle's train config.
+
+    The bundle's ``train.json`` must accept the overrides ``datalist_file``, ``max_epochs`` and
+    ``output_dir``; the datalist file is a manifest ``{"description", "num_folds", "cases": [...]}``
+    whose cases carry ``image`` (absolute), ``center_mm``, ``center_ijk``, ``label``, ``report``,
+    ``impression``, ``case_id``, ``patient_id``, ``fold`` and every other sidecar field.
+    """
+
+    def __init__(
+        self,
+        bundle_dir: str | os.PathLike,
+        sidecar_dir: str | os.PathLike,
+        runs_dir: str | os.PathLike,
+        max_epochs: int = 50,
+        timeout_s: float = 24 * 3600,
+        num_folds: int = 5,
+        name: str | None = None,
+    ):
+        self.bundle_dir = Path(bundle_dir).resolve()
+        self.name = name or self.bundle_dir.name
+        self.config_path = self.bundle_dir / "configs" / "train.json"
+        self.metadata_path = self.bundle_dir / "configs" / "metadata.json"
+        self.metadata = load_metadata(self.bundle_dir)
+        self.sidecar_dir = Path(sidecar_dir)
+        self.runs_dir = Path(runs_dir)
+        self.max_epochs = int(max_epochs)
+        self.timeout_s = float(timeout_s)
+        self.num_folds = int(num_folds)
+        super().__init__(self.metadata.get("description") or self.name)
+
+    # -- MONAI Label interface -----------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        info = super().info()
+        info["version"] = str(self.metadata.get("version", ""))
+        return info
+
+    def config(self) -> dict[str, Any]:
+        return {"max_epochs": self.max_epochs, "timeout_s": self.timeout_s}
+
+    def stats(self) -> dict[str, Any]:
+        """Status of the latest run (shown by MONAI Label under ``train_stats``)."""
+        runs = sorted(self.runs_dir.glob(f"*/{STATUS_FILE}")) if self.runs_dir.is_dir() else []
+        if not runs:
+            return {}
+        try:
+            return json.loads(runs[-1].read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+        max_epochs = self._positive_int(request.get("max_epochs", self.max_epochs), "max_epochs")
+        timeout_s = float(request.get("timeout_s", self.timeout_s))
+        records = self.check(datastore, with_world=True)
+
+        run_dir = self.runs_dir / time.strftime("%Y%m%d-%H%M%S")
+        suffix = 1
+        while run_dir.exists():
+            run_dir = self.runs_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{suffix}"
+            suffix += 1
+        run_dir.mkdir(parents=True)
+        datalist_file = run_dir / "datalist.json"
+        manifest = {
+            "description": f"{self.name}: labelled studies of the MONAI Label datastore",
+            "num_folds": self.num_folds,
+            "cases": records,
+        }
+        datalist_file.write_text(json.dumps(manifest, indent=2))
+
+        cmd = [
+            sys.executable, "-m", "monai.bundle", "run",
+            "--config_file", str(self.config_path),
+            "--meta_file", str(self.metadata_path),
+            "--bundle_root", str(self.bundle_dir),
+            "--datalist_file", str(datalist_file),
+            "--max_epochs", str(max_epochs),
+            "--output_dir", str(run_dir),
+        ]  # fmt: skip
+        status = {
+            "model": self.name,
+            "run_dir": str(run_dir),
+            "records": len(records),
+            "classes": dict(Counter(_label_key(r["label"]) for r in records)),
+            "max_epochs": max_epochs,
+            "status": "RUNNING",
+            "start_ts": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        self._write_status(run_dir, status)
+        logger.info(
+            "%s: training on %d records, %d epochs, in %s", self.name, len(records), max_epochs, run_dir
+        )
+
+        returncode, timed_out, tail = self._run(cmd, run_dir / "train.log", timeout_s)
+        status.update(
+            {
+                "status": "DONE" if returncode == 0 else ("TIMEOUT" if timed_out else "ERROR"),
+                "returncode": returncode,
+                "end_ts": time.strftime("%Y-%m-%d %H:%M:%S"),
+            }
+        )
+        self._write_status(run_dir, status)
+        if returncode != 0:
+            # raising makes MONAI Label's background task end as ERROR with this message in its details
+            why = f"timed out after {timeout_s:g}s" if timed_out else f"exited with code {returncode}"
+            raise RuntimeError(
+                f"training {self.name} {why}; see {run_dir / 'train.log'}:\n" + "\n".join(tail)
+            )
+        return status
+
+    # -- datalist ------------------------------------------------------------------------------------
+    def records(self, datastore: Datastore, with_world: bool = True) -> list[dict[str, Any]]:
+        """One record per study whose sidecar has a ``label`` and a lesion position.
+
+        ``with_world`` adds ``center_mm`` (image affine applied to ``center_ijk``, MONAI's RAS world), which
+        reads each image header; the quick pre-check of a train request skips it.
+        """
+        records: list[dict[str, Any]] = []
+        for image_id in sorted(datastore.list_images()):
+            sidecar = read_sidecar(self.sidecar_dir, image_id)
+            if sidecar.get("label") is None:
+                continue
+            try:
+                center_ijk = sidecar_center_ijk(sidecar)
+            except InvalidRequest as e:
+                raise InvalidRequest(f"sidecar of '{image_id}': {e}") from e
+            if center_ijk is None:
+                logger.warning("%s: sidecar has a label but no center_ijk/roi; skipped", image_id)
+                continue
+            record = {k: v for k, v in sidecar.items() if k not in ("roi", "foreground")}
+            image = datastore.get_image_uri(image_id)
+            report = sidecar.get("report", "")
+            record.update(
+                {
+                    "image": image,
+                    "center_ijk": [float(v) for v in center_ijk],
+                    "label": sidecar["label"],
+                    "report": report,
+                    "impression": sidecar.get("impression", report),
+                    "case_id": sidecar.get("case_id", image_id),
+                    "patient_id": sidecar.get("patient_id", sidecar.get("case_id", image_id)),
+                }
+            )
+            if with_world:
+                # recomputed even when the sidecar has one: the image on disk is the reference
+                affine = image_affine(image)
+                record["center_mm"] = [float(v) for v in (affine @ np.append(center_ijk, 1.0))[:3]]
+            records.append(record)
+        assign_folds(records, self.num_folds)
+        return records
+
+    def check(self, datastore: Datastore, with_world: bool = False) -> list[dict[str, Any]]:
+        """Refuse to train on fewer than two labelled studies or on a single class."""
+        records = self.records(datastore, with_world=with_world)
+        if len(records) < 2:
+            raise InvalidRequest(
+                f"cannot train {self.name}: {len(records)} labelled studies found, at least 2 are needed; add "
+                f"'label' and 'center_ijk' to {self.sidecar_dir}/<image_id>.json",
+                422,
+            )
+        classes = Counter(_label_key(r["label"]) for r in records)
+        if len(classes) < 2:
+            raise InvalidRequest(
+                f"cannot train {self.name}: all {len(records)} labelled studies have label {next(iter(classes))}; "
+                "at least 2 classes are needed",
+                422,
+            )
+        return records
+
+    # -- helpers -------------------------------------------------------------------------------------
+    @staticmethod
+    def _positive_int(value: Any, name: str) -> int:
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise InvalidRequest(f"'{name}' must be a positive integer, got {value!r}") from None
+        if number < 1 or isinstance(value, bool):
+            raise InvalidRequest(f"'{name}' must be a positive integer, got {value!r}")
+        return number
+
+    @staticmethod
+    def _write_status(run_dir: Path, status: dict[str, Any]) -> None:
+        (run_dir / STATUS_FILE).write_text(json.dumps(status, indent=2))
+
+    def _run(self, cmd: list[str], log_file: Path, timeout_s: float) -> tuple[int, bool, list[str]]:
+        """Run ``cmd``, mirroring its output to the log (MONAI Label shows it as task details)."""
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH", ""), str(self.bundle_dir)) if p)
+        logger.info("running: %s", " ".join(cmd))
+        process = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            cwd=str(self.bundle_dir),
+        )
+        timed_out = threading.Event()
+
+        def _kill() -> None:
+            timed_out.set()
+            logger.error("%s: training exceeded %ss; killing it", self.name, timeout_s)
+            process.kill()
+
+        timer = threading.Timer(timeout_s, _kill)
+        timer.daemon = True
+        timer.start()
+        tail: list[str] = []
+        try:
+            with open(log_file, "w") as log:
+                assert process.stdout is not None
+                for line in process.stdout:
+                    log.write(line)
+                    line = line.rstrip()
+                    if line:
+                        logger.info("[%s] %s", self.name, line)
+                        tail = (tail + [line])[-20:]
+            returncode = process.wait()
+        finally:
+            timer.cancel()
+            if process.poll() is None:
+                process.kill()
+        return returncode, timed_out.is_set(), tail

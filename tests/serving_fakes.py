@@ -1,0 +1,169 @@
+"""A tiny fake bundle and datastore for the serving tests (no weights, milliseconds per call).
+
+The fake predictor honours the same contract as a real one: it reads the image around the ROI centre,
+validates its fields, and returns JSON plus a label volume on the image grid.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from oncofusion.data import manifest
+from oncofusion.serving.predictor import InvalidRequest, Prediction, Roi
+
+SHAPE = (24, 20, 16)
+AFFINE = np.array([[-0.8, 0, 0, 10.0], [0, -0.8, 0, 20.0], [0, 0, 2.0, -30.0], [0, 0, 0, 1]])
+
+
+class SphereMeanPredictor:
+    """Malignancy = logistic of the mean intensity in a sphere around the ROI centre."""
+
+    label_names = ["lesion"]
+
+    def __init__(
+        self, radius: float = 2.0, threshold: float = 100.0, device: Any = "cpu", bundle_root: str = ""
+    ):
+        self.radius = radius
+        self.threshold = threshold
+        self.device = torch.device(device)
+        self.bundle_root = bundle_root
+        self.config_options = {"threshold": threshold, "radius": radius, "draw": [True, False]}
+
+    def predict(self, image: torch.Tensor, roi: Roi, fields: dict[str, Any]) -> Prediction:
+        threshold = self._number(fields, "threshold")
+        radius = self._number(fields, "radius")
+        if radius <= 0:
+            raise InvalidRequest(f"'radius' must be > 0, got {radius:g}")
+        center = roi.center_ijk()
+        grid = np.stack(np.meshgrid(*[np.arange(s) for s in image.shape[1:]], indexing="ij"), axis=-1)
+        sphere = np.linalg.norm(grid - center, axis=-1) <= radius
+        mean = float(image[0].cpu().numpy()[sphere].mean())
+        probability = 1.0 / (1.0 + math.exp(-(mean - threshold) / 50.0))
+        name = "malignant" if probability >= 0.5 else "benign"
+        result = {
+            "probability": round(probability, 4),
+            "class": name,
+            "mean_intensity": np.float32(mean),  # numpy on purpose: the task must make it JSON
+            "fields": sorted(fields),
+            "report": fields.get("report"),
+            "device": str(self.device),
+        }
+        draw = fields.get("draw", True)
+        draw = draw if isinstance(draw, bool) else str(draw).lower() == "true"
+        label = sphere.astype(np.uint8)[None] if draw else None
+        return Prediction(result=result, label=label, label_names={f"{name} {probability:.2f}": 1})
+
+    @staticmethod
+    def _number(fields: dict[str, Any], name: str) -> float:
+        try:
+            return float(fields[name])
+        except (KeyError, TypeError, ValueError):
+            raise InvalidRequest(f"'{name}' must be a number, got {fields.get(name)!r}") from None
+
+
+class FakeTrainer:
+    """What a bundle's ``train.json`` ``trainer`` does, in miniature: read the datalist, write a model."""
+
+    def __init__(self, datalist_file: str, max_epochs: int, output_dir: str):
+        self.datalist_file = datalist_file
+        self.max_epochs = int(max_epochs)
+        self.output_dir = Path(output_dir)
+
+    def run(self) -> None:
+        # read the datalist the way the real bundles do: it is a case manifest
+        records = manifest.datalist(self.datalist_file)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        summary = {
+            "epochs": self.max_epochs,
+            "records": len(records),
+            "labels": sorted({r["label"] for r in records}),
+            "center_mm": [r["center_mm"] for r in records],
+        }
+        (self.output_dir / "model.json").write_text(json.dumps(summary))
+        print(f"fake training done: {summary['records']} records, {self.max_epochs} epochs", flush=True)
+
+
+def make_fake_bundle(root: Path, name: str = "fake_nodule") -> Path:
+    """A minimal valid MONAI bundle whose predictor and trainer are the fakes above."""
+    bundle = Path(root) / name
+    (bundle / "configs").mkdir(parents=True)
+    metadata = {
+        "name": "Fake nodule classifier",
+        "version": "0.0.1",
+        "description": "Test double: mean intensity around the click",
+        "task": "Lung nodule malignancy (fake)",
+        "monai_version": "1.5.0",
+        "pytorch_version": "2.0",
+        "numpy_version": "1.26",
+        "required_packages_version": {},
+    }
+    inference = {
+        "bundle_root": ".",
+        "device": "$torch.device('cpu')",
+        "predictor": {
+            "_target_": "tests.serving_fakes.SphereMeanPredictor",
+            "radius": 2.0,
+            "threshold": 100.0,
+            "device": "@device",
+            "bundle_root": "@bundle_root",
+        },
+    }
+    train = {
+        "bundle_root": ".",
+        "datalist_file": "",
+        "max_epochs": 1,
+        "output_dir": "$@bundle_root + '/models'",
+        "trainer": {
+            "_target_": "tests.serving_fakes.FakeTrainer",
+            "datalist_file": "@datalist_file",
+            "max_epochs": "@max_epochs",
+            "output_dir": "@output_dir",
+        },
+        "run": ["$@trainer.run()"],
+    }
+    for file, content in (("metadata", metadata), ("inference", inference), ("train", train)):
+        (bundle / "configs" / f"{file}.json").write_text(json.dumps(content, indent=2))
+    return bundle
+
+
+def volume_with_blob(center: tuple[int, int, int], value: float, background: float = 0.0) -> np.ndarray:
+    volume = np.full(SHAPE, background, np.float32)
+    i, j, k = center
+    volume[i - 2 : i + 3, j - 2 : j + 3, k - 2 : k + 3] = value
+    return volume
+
+
+def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray = AFFINE) -> Path:
+    nib.save(nib.Nifti1Image(array, affine), str(path))
+    return path
+
+
+def make_datastore(root: Path, with_sidecars: bool = True) -> Path:
+    """Three studies: a bright (malignant) and a dim (benign) labelled blob, and one unlabelled study."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    cases = {
+        "case_bright": ((12, 10, 8), 400.0, 1),
+        "case_dim": ((8, 6, 5), 20.0, 0),
+        "case_unlabelled": ((12, 10, 8), 250.0, None),
+    }
+    for case_id, (center, value, label) in cases.items():
+        write_nifti(root / f"{case_id}.nii.gz", volume_with_blob(center, value))
+        if with_sidecars:
+            sidecar: dict[str, Any] = {
+                "report": f"{case_id}: solid nodule",
+                "patient_id": f"P-{case_id}",
+                "age": 63,
+            }
+            if label is not None:
+                sidecar.update({"label": label, "center_ijk": list(center)})
+            (root / "sidecars").mkdir(exist_ok=True)
+            (root / "sidecars" / f"{case_id}.json").write_text(json.dumps(sidecar))
+    return root

@@ -1,0 +1,258 @@
+"""A real MONAI Label server on loopback, serving the fake bundle, driven by MONAI Label's own client."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import psutil
+import pytest
+from monailabel.client import MONAILabelClient
+from monailabel.client.client import MONAILabelClientException
+
+from tests.serving_fakes import AFFINE, SHAPE, make_datastore, make_fake_bundle
+
+pytestmark = pytest.mark.server
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+APP_DIR = REPO_ROOT / "apps" / "oncofusion"
+MODEL = "fake_nodule"
+START_TIMEOUT_S = 180
+TRAIN_TIMEOUT_S = 240
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Stop the server and whatever it spawned (train subprocesses), with bounded waits."""
+    try:
+        family = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    for p in [*family, process]:
+        try:
+            p.terminate()
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            pass
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=15)
+    _, alive = psutil.wait_procs(family, timeout=10)
+    for p in alive:
+        p.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("server")
+    bundles = root / "bundles"
+    make_fake_bundle(bundles, MODEL)
+    studies = make_datastore(root / "datastore")
+    port = _free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p),
+    }
+    cmd = [
+        sys.executable, "-m", "monailabel.main", "start_server",
+        "--app", str(APP_DIR), "--studies", str(studies),
+        "--conf", "bundles", str(bundles), "--conf", "runs", str(root / "runs"), "--conf", "max_epochs", "1",
+        "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+    log = open(root / "server.log", "w")
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + START_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"server exited with {process.returncode}:\n{(root / 'server.log').read_text()[-3000:]}"
+                )
+            try:
+                with urllib.request.urlopen(f"{url}/info/", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(
+                    f"server not up after {START_TIMEOUT_S}s:\n{(root / 'server.log').read_text()[-3000:]}"
+                )
+            time.sleep(0.5)
+        yield {"url": url, "studies": studies, "root": root, "process": process}
+    finally:
+        _stop(process)
+        log.close()
+
+
+@pytest.fixture()
+def client(server, tmp_path):
+    return MONAILabelClient(server["url"], tmpdir=str(tmp_path))
+
+
+def _snapshot(directory: Path) -> dict[str, str]:
+    """Every file under the datastore and its hash (the lock file is rewritten by reads)."""
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
+
+
+def _status_and_detail(error: MONAILabelClientException) -> tuple[int, str]:
+    match = re.match(r"Status: (\d+); Response: (.*)", error.msg, re.S)
+    assert match, error.msg
+    body = match.group(2)
+    try:
+        body = json.loads(body).get("detail", body)
+    except ValueError:
+        pass
+    return int(match.group(1)), str(body)
+
+
+def test_info_lists_deepgrow_model_with_options(client):
+    info = client.info()
+    model = info["models"][MODEL]
+    assert model["type"] == "deepgrow"
+    assert model["dimension"] == 3
+    assert model["labels"] == ["lesion"]
+    assert model["config"] == {"threshold": 100.0, "radius": 2.0, "draw": [True, False]}
+    assert MODEL in info["trainers"]
+    assert info["trainers"][MODEL]["config"]["max_epochs"] == 1
+
+
+def test_infer_click_returns_label_and_json(client):
+    # what 3D Slicer sends for a deepgrow click (options come back as params, lists as their first item)
+    params = {
+        "label": "lesion",
+        "foreground": [[12, 10, 8]],
+        "background": [],
+        "threshold": 100.0,
+        "radius": 2.0,
+        "draw": True,
+        "result_extension": ".nrrd",
+        "result_dtype": "uint8",
+    }
+    label_file, result = client.infer(MODEL, "case_bright", params)
+    assert result["class"] == "malignant" and result["probability"] > 0.9
+    assert result["label_names"] == {"malignant 1.00": 1}
+    assert result["model"] == MODEL and result["model_version"] == "0.0.1"
+    assert result["report"] == "case_bright: solid nodule"  # merged from the study's sidecar
+    assert set(result["latencies"]) == {"load", "predict", "write", "total"}
+    label = nib.load(label_file)
+    assert label.shape == SHAPE
+    np.testing.assert_allclose(label.affine, AFFINE, atol=1e-5)
+    assert label.get_fdata()[12, 10, 8] == 1
+
+    # form-encoded JSON params, a single point; nothing drawn still answers with an (empty) label, the
+    # only answer the 0.8.5 client (and Slicer's copy of it) can parse
+    label_file, result = client.infer(MODEL, "case_dim", {"foreground": "[8, 6, 5]", "draw": False})
+    assert result["class"] == "benign"
+    assert nib.load(label_file).get_fdata().max() == 0
+
+
+def test_prediction_json_is_persisted(client, server):
+    client.infer(MODEL, "case_dim", {"foreground": [[8, 6, 5]], "draw": False})
+    _, result = client.infer(MODEL, "case_bright", {"foreground": [[12, 10, 8]], "draw": False})
+    objects = json.loads((server["studies"] / "datastore_v2.json").read_text())["objects"]
+    bright = objects["case_bright"]["image"]["info"]
+    assert bright["name"] == "case_bright.nii.gz"
+    assert bright["oncofusion_predictions"][MODEL]["probability"] == result["probability"]
+    assert objects["case_dim"]["image"]["info"]["oncofusion_predictions"][MODEL]["class"] == "benign"
+
+
+@pytest.mark.parametrize(
+    "image, params, status, detail",
+    [
+        (
+            "case_bright",
+            {"foreground": [[30, 10, 8]]},
+            422,
+            "ROI point (30, 10, 8) lies outside image 24x20x16",
+        ),
+        ("case_bright", {"foreground": [], "background": [[1, 1, 1]]}, 422, "no lesion given"),
+        ("no_such_case", {"foreground": [[1, 1, 1]]}, 404, "image 'no_such_case' is not in the datastore"),
+        ("case_bright", {"foreground": [[1, 2]]}, 422, "'foreground' point 0 must have 3 coordinates"),
+        ("case_bright", {"foreground": "[[1, 2, x]]"}, 422, "'foreground' is not valid JSON"),
+        ("case_bright", {"roi": [1, 2, 3]}, 422, "'roi' must be [[i0, j0, k0], [i1, j1, k1]]"),
+        (
+            "case_bright",
+            {"foreground": [[1, 1, 1]], "threshold": "high"},
+            422,
+            "'threshold' must be a number",
+        ),
+    ],
+)
+def test_bad_requests_are_4xx_and_change_nothing(client, server, image, params, status, detail):
+    before = _snapshot(server["studies"])
+    with pytest.raises(MONAILabelClientException) as e:
+        client.infer(MODEL, image, params)
+    got_status, got_detail = _status_and_detail(e.value)
+    assert got_status == status
+    assert detail in got_detail
+    assert _snapshot(server["studies"]) == before
+    # and the server keeps serving
+    _, result = client.infer(MODEL, "case_dim", {"foreground": [[8, 6, 5]], "draw": False})
+    assert result["class"] == "benign"
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(MONAILabelClientException) as e:
+        client.infer("no_such_model", "case_bright", {"foreground": [[1, 1, 1]]})
+    status, detail = _status_and_detail(e.value)
+    assert status == 404 and "unknown model 'no_such_model'" in detail
+
+
+def test_train_rejects_then_runs_in_background(client, server):
+    sidecars = server["studies"] / "sidecars"
+    hidden = server["root"] / "sidecars.hidden"
+    shutil.move(sidecars, hidden)
+    try:
+        with pytest.raises(MONAILabelClientException) as e:
+            client.train_start(MODEL, {"max_epochs": 1})
+        status, detail = _status_and_detail(e.value)
+        assert status == 422 and "0 labelled studies found, at least 2 are needed" in detail
+    finally:
+        shutil.move(hidden, sidecars)
+
+    task = client.train_start(MODEL, {"max_epochs": 2})
+    assert task["status"] in ("SUBMITTED", "RUNNING")
+    started = time.time()
+    client.info()  # the server answers while training runs
+    assert time.time() - started < 10
+
+    deadline = time.time() + TRAIN_TIMEOUT_S
+    while True:
+        task = client.train_status()
+        if task["status"] not in ("SUBMITTED", "RUNNING"):
+            break
+        assert time.time() < deadline, f"training still running after {TRAIN_TIMEOUT_S}s: {task}"
+        time.sleep(1)
+    assert task["status"] == "DONE", task
+
+    runs = sorted((server["root"] / "runs" / MODEL).glob("*/model.json"))
+    assert runs, list((server["root"] / "runs").rglob("*"))
+    model = json.loads(runs[-1].read_text())
+    assert model["epochs"] == 2 and model["records"] == 2 and model["labels"] == [0, 1]
+    np.testing.assert_allclose(model["center_mm"][0], (AFFINE @ [12, 10, 8, 1])[:3], atol=1e-4)
+    status = json.loads((runs[-1].parent / "status.json").read_text())
+    assert status["status"] == "DONE" and status["records"] == 2
+    assert client.info()["train_stats"][MODEL]["status"] == "DONE"
