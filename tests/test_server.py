@@ -4,59 +4,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import psutil
 import pytest
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
+from oncofusion.serving.launcher import LocalServer
 from tests.serving_fakes import AFFINE, SHAPE, make_datastore, make_fake_bundle
 
 pytestmark = pytest.mark.server
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-APP_DIR = REPO_ROOT / "apps" / "oncofusion"
 MODEL = "fake_nodule"
 START_TIMEOUT_S = 180
 TRAIN_TIMEOUT_S = 240
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """Stop the server and whatever it spawned (train subprocesses), with bounded waits."""
-    try:
-        family = psutil.Process(process.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        family = []
-    for p in [*family, process]:
-        try:
-            p.terminate()
-        except (psutil.NoSuchProcess, ProcessLookupError):
-            pass
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=15)
-    _, alive = psutil.wait_procs(family, timeout=10)
-    for p in alive:
-        p.kill()
 
 
 @pytest.fixture(scope="module")
@@ -65,42 +31,9 @@ def server(tmp_path_factory):
     bundles = root / "bundles"
     make_fake_bundle(bundles, MODEL)
     studies = make_datastore(root / "datastore")
-    port = _free_port()
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p),
-    }
-    cmd = [
-        sys.executable, "-m", "monailabel.main", "start_server",
-        "--app", str(APP_DIR), "--studies", str(studies),
-        "--conf", "bundles", str(bundles), "--conf", "runs", str(root / "runs"), "--conf", "max_epochs", "1",
-        "--host", "127.0.0.1", "--port", str(port),
-    ]  # fmt: skip
-    log = open(root / "server.log", "w")
-    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + START_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"server exited with {process.returncode}:\n{(root / 'server.log').read_text()[-3000:]}"
-                )
-            try:
-                with urllib.request.urlopen(f"{url}/info/", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError(
-                    f"server not up after {START_TIMEOUT_S}s:\n{(root / 'server.log').read_text()[-3000:]}"
-                )
-            time.sleep(0.5)
-        yield {"url": url, "studies": studies, "root": root, "process": process}
-    finally:
-        _stop(process)
-        log.close()
+    conf = {"bundles": str(bundles), "runs": str(root / "runs"), "max_epochs": "1"}
+    with LocalServer(studies, root, conf, start_timeout_s=START_TIMEOUT_S) as live:
+        yield {"url": live.url, "studies": studies, "root": root, "process": live.process}
 
 
 @pytest.fixture()
