@@ -42,6 +42,7 @@ test-fast: setup
 
 bench: setup sample-data demo-weights
 	$(PY) -m bench.run
+	$(PY) -m bench.lidc_benchmark
 
 lint: setup
 	$(VENV)/bin/ruff check oncofusion apps bundles sample_data tests bench

@@ -18,7 +18,7 @@ def test_trainable_checkpoint_round_trip_restores_outputs(tmp_path):
     torch.manual_seed(0)
     trained = _network(clip_dir)
     with torch.no_grad():
-        for name, parameter in trained.named_parameters():
+        for _name, parameter in trained.named_parameters():
             if parameter.requires_grad:
                 parameter.add_(0.05 * torch.randn_like(parameter))
     state = TrainableWeights(trained).state_dict()

@@ -15,7 +15,7 @@ from torch import nn
 from oncofusion.networks.nodule_clip import NoduleCLIP
 from oncofusion.networks.trainable import load_trainable_state
 from oncofusion.serving.predictor import InvalidRequest, Prediction, Roi
-from oncofusion.transforms.geometry import cube_affine, voxel_to_world, world_to_voxel
+from oncofusion.transforms.geometry import voxel_to_world, world_to_voxel
 from oncofusion.transforms.nine_views import VIEW_NAMES
 
 logger = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def box_label(image: torch.Tensor, center_mm: np.ndarray, size_mm: float) -> np.
     low = np.clip(np.floor(corner_ijk.min(0)).astype(int), 0, shape - 1)
     high = np.clip(np.ceil(corner_ijk.max(0)).astype(int) + 1, 1, shape)
     mask = np.zeros(shape, np.uint8)
-    grid = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(low, high)], indexing="ij"), -1).reshape(-1, 3)
+    grid = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(low, high, strict=False)], indexing="ij"), -1).reshape(-1, 3)
     offsets = (voxel_to_world(affine, grid) - center_mm) * lps_to_ras
     inside = np.all(np.abs(offsets) <= half, axis=1)
     mask[tuple(grid[inside].T)] = 1
@@ -151,16 +151,16 @@ class NoduleCLIPPredictor:
     def _result(self, output: dict[str, Any], center_ijk: np.ndarray, center_mm: np.ndarray) -> dict[str, Any]:
         probabilities = output["probabilities"][0].cpu().numpy()
         zero_shot = {
-            feature: dict(zip(self.ensemble.prompts[feature], map(float, p[0].cpu().numpy())))
+            feature: dict(zip(self.ensemble.prompts[feature], map(float, p[0].cpu().numpy()), strict=False))
             for feature, p in output["zero_shot"].items()
         }
         return {
             "prediction": self.class_names[int(np.argmax(probabilities))],
             "malignancy_probability": float(probabilities[-1]),
-            "class_probabilities": dict(zip(self.class_names, map(float, probabilities))),
+            "class_probabilities": dict(zip(self.class_names, map(float, probabilities), strict=False)),
             "fold_malignancy_probabilities": [float(p[0, -1]) for p in output["fold_probabilities"].cpu()],
             "semantic_features": zero_shot,
-            "view_attention": dict(zip(VIEW_NAMES, map(float, output["attention"][0].cpu().numpy()))),
+            "view_attention": dict(zip(VIEW_NAMES, map(float, output["attention"][0].cpu().numpy()), strict=False)),
             "center_ijk": [float(c) for c in center_ijk],
             "center_mm": [float(c) for c in center_mm],
             "label_meaning": f"the {self.view_size_mm:g} mm cube the nine views were cut from",

@@ -51,7 +51,7 @@ def _plane_coordinates(
     in_plane = [axis for axis in range(3) if axis != normal_axis]
     rotated = np.zeros((3, view_size, view_size))
     rotated[normal_axis] = size[normal_axis] // 2 + slice_offset
-    for grid_axis, (axis, shift) in enumerate(zip(in_plane, shifts)):
+    for grid_axis, (axis, shift) in enumerate(zip(in_plane, shifts, strict=False)):
         start = size[axis] // 2 - view_size // 2 + shift
         line = np.arange(start, start + view_size, dtype=np.float64)
         rotated[axis] = line[:, None] if grid_axis == 0 else line[None, :]
@@ -88,7 +88,7 @@ def extract_nine_views(
     coords = np.stack(
         [
             _plane_coordinates(cube.shape, axes, normal, view_size, int(offset), tuple(shift))
-            for (axes, normal), offset, shift in zip(VIEW_PLANES, slice_offsets, shifts)
+            for (axes, normal), offset, shift in zip(VIEW_PLANES, slice_offsets, shifts, strict=False)
         ],
         axis=1,
     )  # (3, 9, view_size, view_size)
