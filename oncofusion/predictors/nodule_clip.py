@@ -109,7 +109,7 @@ def box_label(image: torch.Tensor, center_mm: np.ndarray, size_mm: float) -> np.
     corner_ijk = world_to_voxel(affine, center_mm + corners * lps_to_ras)
     low = np.clip(np.floor(corner_ijk.min(0)).astype(int), 0, shape - 1)
     high = np.clip(np.ceil(corner_ijk.max(0)).astype(int) + 1, 1, shape)
-    mask = np.zeros(shape, np.uint8)
+    mask = np.zeros(shape, np.uint8, order="F")  # Fortran order: written to NIfTI without a transpose
     grid = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(low, high, strict=False)], indexing="ij"), -1).reshape(-1, 3)
     offsets = (voxel_to_world(affine, grid) - center_mm) * lps_to_ras
     inside = np.all(np.abs(offsets) <= half, axis=1)

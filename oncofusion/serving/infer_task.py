@@ -87,7 +87,10 @@ def write_label(label: np.ndarray | torch.Tensor, affine: np.ndarray, shape: tup
             f"predictor returned a label of shape {array.shape}, expected the image shape {shape}"
         )
     dtype = np.uint8 if array.min() >= 0 and array.max() <= 255 else np.int16
-    image = nib.Nifti1Image(np.ascontiguousarray(array.astype(dtype)), np.asarray(affine, dtype=np.float64))
+    # NIfTI stores voxels in Fortran order: a Fortran-ordered array is written without a transpose,
+    # which on a 512x512x300 label is most of the write time
+    array = np.asfortranarray(array.astype(dtype, copy=False))
+    image = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
     image.set_qform(image.affine, code=1)
     image.set_sform(image.affine, code=1)
     fd, path = tempfile.mkstemp(suffix=".nii.gz", prefix="oncofusion_label_")
