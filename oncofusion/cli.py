@@ -36,6 +36,7 @@ def _field(text: str) -> tuple[str, Any]:
 
 
 def predict(args: argparse.Namespace) -> int:
+    from oncofusion.serving.image_cache import ImageCache
     from oncofusion.serving.infer_task import BundleInferTask
 
     request: dict[str, Any] = {"image": str(args.image), **dict(args.field or [])}
@@ -45,7 +46,7 @@ def predict(args: argparse.Namespace) -> int:
         request["roi"] = args.roi
     if args.mask:
         request["label"] = str(args.mask)
-    task = BundleInferTask(Path(args.bundle))
+    task = BundleInferTask(Path(args.bundle), ImageCache(capacity=1))
     label_file, result = task(request)
     if label_file and args.label_out:
         shutil.move(label_file, args.label_out)
