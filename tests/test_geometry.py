@@ -58,3 +58,18 @@ def test_rejects_bad_shapes_and_centres():
         ResampleCube()(image[0], [0, 0, 0])
     with pytest.raises(ValueError, match="not a finite point"):
         ResampleCube()(image, [float("nan"), 0, 0])
+
+
+def test_box_label_marks_the_cube_the_views_were_cut_from():
+    from oncofusion.predictors.nodule_clip import box_label
+
+    affine = np.diag([0.5, 1.0, 2.0, 1.0])
+    image = _image_with_blob(affine, (30, 25, 20))
+    center = voxel_to_world(affine, np.array([[30, 25, 20]]))[0]
+    mask = box_label(image, center, size_mm=10.0)
+    assert mask.shape == (60, 50, 40) and mask.flags.f_contiguous
+    # +-5 mm: 21 voxels of 0.5 mm, 11 of 1 mm, 5 of 2 mm
+    assert mask.sum() == 21 * 11 * 5
+    extent = np.argwhere(mask)
+    np.testing.assert_array_equal(extent.min(0), [20, 20, 18])
+    np.testing.assert_array_equal(extent.max(0), [40, 30, 22])
