@@ -6,7 +6,10 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 SAMPLE_DIR := sample_data/lung
+BONE_DIR := sample_data/bone
+DEMO_DIR := sample_data/demo
 SAMPLE_CASES ?= 120
+BONE_CASES ?= 200
 
 .PHONY: setup sample-data demo-weights demo test test-fast bench lint clean
 
@@ -19,19 +22,31 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q --no-deps -c constraints.txt monailabel==0.8.5
 	touch $@
 
-sample-data: $(SAMPLE_DIR)/manifest.json
+sample-data: $(DEMO_DIR)/.ready
 
 $(SAMPLE_DIR)/manifest.json: | setup
 	$(PY) -m sample_data.generate_lung --out $(SAMPLE_DIR) --num-cases $(SAMPLE_CASES) --seed 0
 
+$(BONE_DIR)/manifest.json: | setup
+	$(PY) -m sample_data.generate_bone --out $(BONE_DIR) --num-cases $(BONE_CASES) --seed 0
+
+# one MONAI Label datastore holding every bundle's sample studies (links, no copies)
+$(DEMO_DIR)/.ready: $(SAMPLE_DIR)/manifest.json $(BONE_DIR)/manifest.json
+	mkdir -p $(DEMO_DIR)/sidecars
+	for d in $(SAMPLE_DIR) $(BONE_DIR); do \
+		ln -sf "$$(realpath $$d/datastore)"/*.nii.gz $(DEMO_DIR)/; \
+		ln -sf "$$(realpath $$d/datastore/sidecars)"/*.json $(DEMO_DIR)/sidecars/; \
+	done
+	touch $@
+
 # Demo weights are trained on the synthetic sample set the first time they are needed.
 demo-weights: bundles/lung_nodule_clip/models/fold0/model.pt
 
-bundles/lung_nodule_clip/models/fold0/model.pt: | sample-data
+bundles/lung_nodule_clip/models/fold0/model.pt: | $(SAMPLE_DIR)/manifest.json
 	$(PY) -m oncofusion.cli train --bundle bundles/lung_nodule_clip --datalist-file $(SAMPLE_DIR)/manifest.json --folds 5
 
 demo: setup sample-data demo-weights
-	$(VENV)/bin/monailabel start_server --app apps/oncofusion --studies $(SAMPLE_DIR)/datastore \
+	$(PY) -m monailabel.main start_server --app apps/oncofusion --studies $(DEMO_DIR) \
 		--conf models all --host $(HOST) --port $(PORT)
 
 test: setup
@@ -48,4 +63,4 @@ lint: setup
 	$(VENV)/bin/ruff check oncofusion apps bundles sample_data tests bench
 
 clean:
-	rm -rf $(VENV) $(SAMPLE_DIR) runs
+	rm -rf $(VENV) $(SAMPLE_DIR) $(BONE_DIR) $(DEMO_DIR) runs

@@ -20,6 +20,30 @@ def tiny_lung_data(tmp_path_factory) -> Path:
     return out / "manifest.json"
 
 
+def run_bundle(*args: str, cwd: Path = LUNG_BUNDLE):
+    """``python -m monai.bundle ARGS`` in a bundle directory; fails the test with its output."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+@pytest.fixture(scope="session")
+def tiny_lung_checkpoints(tiny_lung_data, tmp_path_factory) -> Path:
+    """Both folds of the lung bundle's offline default trained for one epoch on tiny views."""
+    ckpt = tmp_path_factory.mktemp("lung_ckpt")
+    for fold in (0, 1):
+        run_bundle("run", "--config_file", "configs/train.json", "--bundle_root", ".",
+                   "--datalist_file", str(tiny_lung_data), "--ckpt_dir", str(ckpt), "--output_dir",
+                   str(ckpt / "runs"), "--fold", str(fold), "--max_epochs", "1", "--view_pixels", "32")
+    return ckpt
+
+
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory) -> Path:
     from tests.tiny_models import save_tiny_clip
