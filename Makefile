@@ -43,7 +43,7 @@ $(DEMO_DIR)/.ready: $(SAMPLE_DIR)/manifest.json $(BONE_DIR)/manifest.json
 demo-weights: bundles/lung_nodule_clip/models/fold0/model.pt
 
 bundles/lung_nodule_clip/models/fold0/model.pt: | $(SAMPLE_DIR)/manifest.json
-	$(PY) -m oncofusion.cli train --bundle bundles/lung_nodule_clip --datalist-file $(SAMPLE_DIR)/manifest.json --folds 5
+	$(PY) -m oncofusion.cli train --bundle bundles/lung_nodule_clip --datalist-file $(SAMPLE_DIR)/manifest.json --folds 5 --max-epochs 8
 
 demo: setup sample-data demo-weights
 	$(PY) -m monailabel.main start_server --app apps/oncofusion --studies $(DEMO_DIR) \
