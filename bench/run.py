@@ -91,6 +91,9 @@ def bench_model(studies: Path, image_id: str, click: list[int]) -> dict[str, Any
     from oncofusion.serving.image_cache import read_volume
     from oncofusion.serving.predictor import Roi
 
+    import torch
+
+    torch.set_num_threads(1)  # as the server runs inference (apps/oncofusion, conf infer_threads)
     parser = ConfigParser()
     parser.read_config(str(LUNG_BUNDLE / "configs" / "inference.json"))
     parser["bundle_root"] = str(LUNG_BUNDLE)
