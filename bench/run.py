@@ -86,12 +86,11 @@ def bench_server(studies: Path, image_id: str, click: list[int], work_dir: Path)
 
 
 def bench_model(studies: Path, image_id: str, click: list[int]) -> dict[str, Any]:
+    import torch
     from monai.bundle import ConfigParser
 
     from oncofusion.serving.image_cache import read_volume
     from oncofusion.serving.predictor import Roi
-
-    import torch
 
     torch.set_num_threads(1)  # as the server runs inference (apps/oncofusion, conf infer_threads)
     parser = ConfigParser()
