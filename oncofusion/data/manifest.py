@@ -44,12 +44,13 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _check_case(case: object, index: int, path: Path) -> None:
+def _check_case(case: object, index: int, path: Path,
+                required_keys: Iterable[str] = REQUIRED_CASE_KEYS) -> None:
     """Every case must carry the keys the bundles read, with a three-number centre."""
     if not isinstance(case, dict):
         raise ValueError(f"manifest {path}: case {index} is not an object")
     name = case.get("case_id", f"#{index}")
-    for key in REQUIRED_CASE_KEYS:
+    for key in dict.fromkeys([*required_keys, "center_mm"]):
         if key not in case:
             raise ValueError(f"manifest {path}: case {name} lacks the key '{key}'")
     center = case["center_mm"]
@@ -59,13 +60,17 @@ def _check_case(case: object, index: int, path: Path) -> None:
         )
 
 
-def load_manifest(path: str | Path) -> list[dict]:
-    """Read and validate a manifest; return its cases with ``image`` resolved to an absolute path."""
+def load_manifest(path: str | Path, required_keys: Iterable[str] = REQUIRED_CASE_KEYS) -> list[dict]:
+    """Read and validate a manifest; return its cases with ``image`` resolved to an absolute path.
+
+    ``required_keys``: the keys every case must have (a model without report text needs no
+    ``impression``); ``center_mm`` is always required and checked.
+    """
     path = Path(path).expanduser().resolve()
     data = _read_json(path)
     cases = []
     for index, case in enumerate(data["cases"]):
-        _check_case(case, index, path)
+        _check_case(case, index, path, required_keys)
         row = dict(case)
         row["image"] = str((path.parent / case["image"]).resolve())
         cases.append(row)

@@ -14,19 +14,16 @@ from torch import nn
 
 from oncofusion.networks.nodule_clip import NoduleCLIP
 from oncofusion.networks.trainable import load_trainable_state
+from oncofusion.predictors.folds import (
+    fold_checkpoints,  # noqa: F401 (inference.json names it here)
+    load_state_dict,
+)
+from oncofusion.predictors.folds import fold_id as _fold_id
 from oncofusion.serving.predictor import InvalidRequest, Prediction, Roi
 from oncofusion.transforms.geometry import voxel_to_world, world_to_voxel
 from oncofusion.transforms.nine_views import VIEW_NAMES
 
 logger = logging.getLogger(__name__)
-
-
-def load_state_dict(path: str | Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """A network state dict from a checkpoint saved bare or under ``"model"`` (MONAI's CheckpointSaver)."""
-    checkpoint = torch.load(path, map_location=device, weights_only=True)
-    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict):
-        return checkpoint["model"]
-    return checkpoint
 
 
 class NoduleCLIPEnsemble(nn.Module):
@@ -91,12 +88,6 @@ class NoduleCLIPEnsemble(nn.Module):
             "attention": torch.stack(attentions).mean(0),
             "zero_shot": {feature: torch.stack(p).mean(0) for feature, p in zero_shot.items() if p},
         }
-
-
-def _fold_id(path: str | Path) -> int | None:
-    """``.../fold3/model.pt`` -> 3; a single model has no fold."""
-    name = Path(path).parent.name
-    return int(name[4:]) if name.startswith("fold") and name[4:].isdigit() else None
 
 
 def box_label(image: torch.Tensor, center_mm: np.ndarray, size_mm: float) -> np.ndarray:
@@ -176,11 +167,3 @@ class NoduleCLIPPredictor:
             if options:
                 parts.append(max(options, key=options.get))
         return ", ".join(parts)
-
-
-def fold_checkpoints(model_dir: str | Path) -> list[str]:
-    """``models/fold*/model.pt`` of a K-fold run, or a single ``models/model.pt``."""
-    model_dir = Path(model_dir)
-    folds = sorted(str(p) for p in model_dir.glob("fold*/model.pt"))
-    single = model_dir / "model.pt"
-    return folds or ([str(single)] if single.is_file() else [])

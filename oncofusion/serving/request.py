@@ -239,11 +239,19 @@ def option_default(value: Any) -> Any:
     return value[0] if isinstance(value, list) and value else value
 
 
+def _blank(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
 def merge_fields(
     request: Mapping[str, Any], sidecar: Mapping[str, Any], defaults: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """Request parameters win, the study's sidecar fills what the request lacks, then option defaults."""
+    """Request parameters win, the study's sidecar fills what the request lacks, then option defaults.
+
+    A blank request value (``None`` or ``""``) counts as lacking: Slicer sends every option of the form,
+    and an untouched empty cell must not hide the value recorded in the study's sidecar.
+    """
     fields = {k: option_default(v) for k, v in defaults.items()}
     fields.update({k: v for k, v in sidecar.items() if k not in SIDECAR_PRIVATE_KEYS})
-    fields.update(request_fields(request))
+    fields.update({k: v for k, v in request_fields(request).items() if not _blank(v) or k not in fields})
     return fields
