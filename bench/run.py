@@ -144,9 +144,15 @@ def main() -> None:
         results.update(bench_nine_views())
         results.update(bench_model(studies, image_id, click))
         results.update(bench_server(studies, image_id, click, Path(tmp) / "server"))
+    from bench.bone import bench_bone
+
+    results["bone_tumor_matrix"] = bench_bone()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2))
     print(table(results))
+    bone = results["bone_tumor_matrix"]
+    print("\nbone_tumor_matrix: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                             for k, v in bone.items()))
     print(f"\nwrote {RESULTS}")
 
 
