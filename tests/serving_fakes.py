@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 import torch
+from monailabel.client.client import MONAILabelClientException
 
 from oncofusion.data import manifest
 from oncofusion.serving.predictor import InvalidRequest, Prediction, Roi
@@ -167,3 +169,15 @@ def make_datastore(root: Path, with_sidecars: bool = True) -> Path:
             (root / "sidecars").mkdir(exist_ok=True)
             (root / "sidecars" / f"{case_id}.json").write_text(json.dumps(sidecar))
     return root
+
+
+def status_and_detail(error: MONAILabelClientException) -> tuple[int, str]:
+    """HTTP status and ``detail`` message of a failed MONAI Label client call."""
+    match = re.match(r"Status: (\d+); Response: (.*)", error.msg, re.S)
+    assert match, error.msg
+    body = match.group(2)
+    try:
+        body = json.loads(body).get("detail", body)
+    except ValueError:
+        pass
+    return int(match.group(1)), str(body)

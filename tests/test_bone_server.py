@@ -5,59 +5,26 @@ with a box ROI, and bad or missing clinical values answered 422 naming the field
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import nibabel as nib
-import psutil
 import pytest
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
-from tests.bone_helpers import BONE_BUNDLE, REPO
+from oncofusion.serving.launcher import LocalServer
+from tests.bone_helpers import BONE_BUNDLE
+from tests.serving_fakes import status_and_detail
 
 pytest_plugins = ["tests.conftest_bone"]
 pytestmark = pytest.mark.server
 
-APP_DIR = REPO / "apps" / "oncofusion"
 MODEL = "bone_tumor_matrix"
 START_TIMEOUT_S = 180
 CASES = ("bone_0000", "bone_0001", "bone_0002")
 NO_AGE = "bone_0002"  # its sidecar lacks the required age
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """Stop the server and its children, with bounded waits."""
-    try:
-        family = psutil.Process(process.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        family = []
-    for p in [*family, process]:
-        try:
-            p.terminate()
-        except (psutil.NoSuchProcess, ProcessLookupError):
-            pass
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=15)
-    _, alive = psutil.wait_procs(family, timeout=10)
-    for p in alive:
-        p.kill()
 
 
 def _bundle_copy(root: Path, ckpt: Path) -> Path:
@@ -88,37 +55,9 @@ def server(tiny_bone_data, tiny_bone_ckpt, tmp_path_factory):
     root = tmp_path_factory.mktemp("bone_server")
     bundles = _bundle_copy(root, tiny_bone_ckpt)
     studies = _datastore(root, tiny_bone_data)
-    port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
-    cmd = [
-        sys.executable, "-m", "monailabel.main", "start_server",
-        "--app", str(APP_DIR), "--studies", str(studies),
-        "--conf", "bundles", str(bundles), "--conf", "models", MODEL, "--conf", "runs", str(root / "runs"),
-        "--conf", "device", "cpu", "--host", "127.0.0.1", "--port", str(port),
-    ]  # fmt: skip
-    log = open(root / "server.log", "w")
-    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + START_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode}:\n"
-                                   f"{(root / 'server.log').read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/info/", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError(f"server not up after {START_TIMEOUT_S}s:\n{(root / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield {"url": url, "studies": studies, "manifest": tiny_bone_data}
-    finally:
-        _stop(process)
-        log.close()
+    conf = {"bundles": str(bundles), "models": MODEL, "runs": str(root / "runs"), "device": "cpu"}
+    with LocalServer(studies, root, conf, start_timeout_s=START_TIMEOUT_S) as live:
+        yield {"url": live.url, "studies": studies, "manifest": tiny_bone_data}
 
 
 @pytest.fixture()
@@ -134,17 +73,6 @@ def _form(info: dict, **values) -> dict:
     """What Slicer sends: every config option, a list as its current (first) item, edited cells replaced."""
     config = info["models"][MODEL]["config"]
     return {**{k: v[0] if isinstance(v, list) else v for k, v in config.items()}, **values}
-
-
-def _status_and_detail(error: MONAILabelClientException) -> tuple[int, str]:
-    match = re.match(r"Status: (\d+); Response: (.*)", error.msg, re.S)
-    assert match, error.msg
-    body = match.group(2)
-    try:
-        body = json.loads(body).get("detail", body)
-    except ValueError:
-        pass
-    return int(match.group(1)), str(body)
 
 
 def test_info_shows_the_clinical_form(client):
@@ -202,7 +130,7 @@ def test_bad_or_missing_clinical_values_are_422(client, server, case, values, de
     sidecar = _sidecar(server, case)
     with pytest.raises(MONAILabelClientException) as e:
         client.infer(MODEL, case, {**_form(client.info(), **values), "foreground": [sidecar["center_ijk"]]})
-    status, message = _status_and_detail(e.value)
+    status, message = status_and_detail(e.value)
     assert status == 422 and detail in message
     # a form that fills the gap makes the same study work
     if case == NO_AGE:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
 from oncofusion.serving.launcher import LocalServer
-from tests.serving_fakes import AFFINE, SHAPE, make_datastore, make_fake_bundle
+from tests.serving_fakes import AFFINE, SHAPE, make_datastore, make_fake_bundle, status_and_detail
 
 pytestmark = pytest.mark.server
 
@@ -48,17 +47,6 @@ def _snapshot(directory: Path) -> dict[str, str]:
         for p in sorted(directory.rglob("*"))
         if p.is_file() and p.name != ".lock"
     }
-
-
-def _status_and_detail(error: MONAILabelClientException) -> tuple[int, str]:
-    match = re.match(r"Status: (\d+); Response: (.*)", error.msg, re.S)
-    assert match, error.msg
-    body = match.group(2)
-    try:
-        body = json.loads(body).get("detail", body)
-    except ValueError:
-        pass
-    return int(match.group(1)), str(body)
 
 
 def test_info_lists_deepgrow_model_with_options(client):
@@ -138,7 +126,7 @@ def test_bad_requests_are_4xx_and_change_nothing(client, server, image, params, 
     before = _snapshot(server["studies"])
     with pytest.raises(MONAILabelClientException) as e:
         client.infer(MODEL, image, params)
-    got_status, got_detail = _status_and_detail(e.value)
+    got_status, got_detail = status_and_detail(e.value)
     assert got_status == status
     assert detail in got_detail
     assert _snapshot(server["studies"]) == before
@@ -150,7 +138,7 @@ def test_bad_requests_are_4xx_and_change_nothing(client, server, image, params, 
 def test_unknown_model_is_404(client):
     with pytest.raises(MONAILabelClientException) as e:
         client.infer("no_such_model", "case_bright", {"foreground": [[1, 1, 1]]})
-    status, detail = _status_and_detail(e.value)
+    status, detail = status_and_detail(e.value)
     assert status == 404 and "unknown model 'no_such_model'" in detail
 
 
@@ -161,7 +149,7 @@ def test_train_rejects_then_runs_in_background(client, server):
     try:
         with pytest.raises(MONAILabelClientException) as e:
             client.train_start(MODEL, {"max_epochs": 1})
-        status, detail = _status_and_detail(e.value)
+        status, detail = status_and_detail(e.value)
         assert status == 422 and "0 labelled studies found, at least 2 are needed" in detail
     finally:
         shutil.move(hidden, sidecars)
