@@ -50,8 +50,7 @@ from scipy import ndimage
 from scipy.special import expit, ndtr
 from scipy.stats import rankdata
 
-from sample_data.generate_lung import Grid, assign_folds
-from sample_data.generate_lung import _write_nifti as write_nifti
+from sample_data.generate_lung import Grid, assign_folds, triple_arg, write_nifti
 
 logger = logging.getLogger(__name__)
 
@@ -468,24 +467,14 @@ def generate(
     return manifest
 
 
-def _triple(kind: type):
-    def parse(text: str) -> tuple:
-        parts = [kind(p) for p in text.split(",")]
-        if len(parts) != 3:
-            raise argparse.ArgumentTypeError(f"expected three comma-separated values, got {text!r}")
-        return tuple(parts)
-
-    return parse
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("sample_data/bone"), help="output folder")
     parser.add_argument("--num-cases", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-folds", type=int, default=5, help="patient-level cross-validation folds")
-    parser.add_argument("--shape", type=_triple(int), default=DEFAULT_SHAPE, help="voxels, e.g. 96,96,64")
-    parser.add_argument("--spacing", type=_triple(float), default=DEFAULT_SPACING, help="mm, e.g. 0.8,0.8,1.5")
+    parser.add_argument("--shape", type=triple_arg(int), default=DEFAULT_SHAPE, help="voxels, e.g. 96,96,64")
+    parser.add_argument("--spacing", type=triple_arg(float), default=DEFAULT_SPACING, help="mm, e.g. 0.8,0.8,1.5")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="processes")
     parser.add_argument("--bayes-draws", type=int, default=200_000, help="Monte-Carlo draws for the Bayes AUROCs")
     return parser.parse_args(argv)

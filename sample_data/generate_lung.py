@@ -528,12 +528,12 @@ def render_case(task: CaseTask) -> dict:
     hu = ndimage.gaussian_filter(hu, PSF_SIGMA_VOXELS)
     hu += rng.normal(0.0, NOISE_HU, grid.shape).astype(np.float32)
     image = np.clip(np.round(hu), -1024, 3071).astype(np.int16)
-    _write_nifti(image, grid.affine, Path(task.image_path))
+    write_nifti(image, grid.affine, Path(task.image_path))
     center_mm = (grid.affine @ np.r_[center_ijk, 1.0])[:3]
     return {"center_ijk": [int(v) for v in center_ijk], "center_mm": [round(float(v), 3) for v in center_mm]}
 
 
-def _write_nifti(image: np.ndarray, affine: np.ndarray, path: Path) -> None:
+def write_nifti(image: np.ndarray, affine: np.ndarray, path: Path) -> None:
     """Save int16 HU with the affine as both qform and sform (scanner RAS), units mm."""
     img = nib.Nifti1Image(image, affine)
     img.header.set_xyzt_units("mm")
@@ -685,8 +685,8 @@ def generate(
     return manifest
 
 
-def _triple(kind: type):
-    """argparse type for 'a,b,c'."""
+def triple_arg(kind: type):
+    """argparse type for 'a,b,c' (three values of ``kind``); shared by the sample-data generators."""
 
     def parse(text: str) -> tuple:
         parts = [kind(p) for p in text.split(",")]
@@ -704,9 +704,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-cases", type=int, default=120, help="number of cases (about half malignant)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-folds", type=int, default=5, help="patient-level cross-validation folds")
-    parser.add_argument("--shape", type=_triple(int), default=DEFAULT_SHAPE, help="voxels, e.g. 128,128,80")
+    parser.add_argument("--shape", type=triple_arg(int), default=DEFAULT_SHAPE, help="voxels, e.g. 128,128,80")
     parser.add_argument(
-        "--spacing", type=_triple(float), default=DEFAULT_SPACING, help="mm, e.g. 0.7,0.7,1.25"
+        "--spacing", type=triple_arg(float), default=DEFAULT_SPACING, help="mm, e.g. 0.7,0.7,1.25"
     )
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="processes")
     return parser.parse_args(argv)
