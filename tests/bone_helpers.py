@@ -3,30 +3,25 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from monai.data import MetaTensor
 
+from tests.conftest import run_bundle
+
 REPO = Path(__file__).resolve().parents[1]
 BONE_BUNDLE = REPO / "bundles" / "bone_tumor_matrix"
-SCHEMA = REPO.parent / "shared" / "schemas" / "meta_schema_20240725.json"
 TINY_SHAPE = (48, 48, 32)
 TINY_SPACING = (1.0, 1.0, 2.0)
 IMAGE_ONLY = "['configs/train.json','configs/image_only.json']"
 
 
 def bundle_cli(*args: str, cwd: Path = BONE_BUNDLE, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``python -m monai.bundle ARGS`` in the bundle directory, one torch thread (shared CPUs)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=cwd, env=env,
-                            capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
+    """``python -m monai.bundle ARGS`` in the bone bundle directory."""
+    return run_bundle(*args, cwd=cwd, timeout=timeout)
 
 
 def bone_bundle_config(*files: str, **overrides):

@@ -20,15 +20,21 @@ def tiny_lung_data(tmp_path_factory) -> Path:
     return out / "manifest.json"
 
 
-def run_bundle(*args: str, cwd: Path = LUNG_BUNDLE):
-    """``python -m monai.bundle ARGS`` in a bundle directory; fails the test with its output."""
+SCHEMA = REPO.parent / "shared" / "schemas" / "meta_schema_20240725.json"
+BUNDLES = sorted(p.parent.parent for p in (REPO / "bundles").glob("*/configs/metadata.json"))
+
+
+def run_bundle(*args: str, cwd: Path = LUNG_BUNDLE, timeout: float = 600):
+    """``python -m monai.bundle ARGS`` in a bundle directory, offline and on one torch thread (the CPUs
+    are shared with the test runner); fails the test with its output."""
     import os
     import subprocess
     import sys
 
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=cwd, env=env,
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
 

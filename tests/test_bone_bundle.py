@@ -7,18 +7,10 @@ import json
 
 import pytest
 
-from tests.bone_helpers import SCHEMA, bone_bundle_config, bundle_cli
+from tests.bone_helpers import bone_bundle_config, bundle_cli
 
 pytest_plugins = ["tests.conftest_bone"]
 pytestmark = pytest.mark.slow
-
-
-@pytest.mark.skipif(not SCHEMA.is_file(), reason="the shared bundle schema is not beside the repository")
-def test_metadata_verifies_against_the_bundle_schema(tmp_path):
-    schema_copy = tmp_path / "schema.json"
-    schema_copy.write_text(SCHEMA.read_text())
-    result = bundle_cli("verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", str(schema_copy))
-    assert "metadata is verified with no error" in result.stdout + result.stderr
 
 
 def test_image_only_network_input_and_output_match_the_metadata():

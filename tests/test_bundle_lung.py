@@ -7,18 +7,9 @@ import json
 
 import pytest
 
-from tests.conftest import REPO, run_bundle
+from tests.conftest import run_bundle
 
-SCHEMA = REPO.parent / "shared" / "schemas" / "meta_schema_20240725.json"
 pytestmark = pytest.mark.slow
-
-
-@pytest.mark.skipif(not SCHEMA.is_file(), reason="the shared bundle schema is not beside the repository")
-def test_metadata_verifies_against_the_bundle_schema(tmp_path):
-    schema_copy = tmp_path / "schema.json"
-    schema_copy.write_text(SCHEMA.read_text())
-    result = run_bundle("verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", str(schema_copy))
-    assert "metadata is verified with no error" in result.stdout + result.stderr
 
 
 def test_network_input_and_output_match_the_metadata():
