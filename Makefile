@@ -44,14 +44,11 @@ BONE_BUNDLE := bundles/bone_tumor_matrix
 demo-weights: bundles/lung_nodule_clip/models/fold0/model.pt $(BONE_BUNDLE)/models/fold0/model.pt
 
 bundles/lung_nodule_clip/models/fold0/model.pt: | $(SAMPLE_DIR)/manifest.json
-	$(PY) -m oncofusion.cli train --bundle bundles/lung_nodule_clip --datalist-file $(SAMPLE_DIR)/manifest.json --folds 5 --max-epochs 8
+	$(PY) -m oncofusion.cli train --bundle bundles/lung_nodule_clip --datalist-file $(SAMPLE_DIR)/manifest.json --max-epochs 8
 
-# SC-Net (fusion) and the image-only S-Net, 5 folds each, on one thread
+# every variant of the plan (SC-Net fusion and the image-only S-Net), 5 folds each
 $(BONE_BUNDLE)/models/fold0/model.pt: | $(BONE_DIR)/manifest.json
-	for fold in 0 1 2 3 4; do for cfg in "configs/train.json" "['configs/train.json','configs/image_only.json']"; do \
-		(cd $(BONE_BUNDLE) && $(abspath $(PY)) -m monai.bundle run --config_file "$$cfg" --bundle_root . \
-			--datalist_file $(abspath $(BONE_DIR))/manifest.json --fold $$fold --torch_threads 1 \
-			--logging_file configs/logging.conf) || exit 1; done; done
+	$(PY) -m oncofusion.cli train --bundle $(BONE_BUNDLE) --datalist-file $(BONE_DIR)/manifest.json
 
 demo: setup sample-data demo-weights
 	$(PY) -m monailabel.main start_server --app apps/oncofusion --studies $(DEMO_DIR) \

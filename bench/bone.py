@@ -38,8 +38,8 @@ def bench_bone(repeats: int = 10, case_index: int = 0, bundle_dir: Path = BONE_B
     import torch
     from monai.bundle import ConfigParser
 
-    from oncofusion.serving.image_cache import read_volume
-    from oncofusion.serving.predictor import Roi
+    from oncofusion.contract import Roi
+    from oncofusion.io.readers import read_volume
     from oncofusion.transforms.geometry import voxel_to_world
 
     torch.set_num_threads(threads)  # as the server runs inference on the shared CPU
@@ -53,8 +53,9 @@ def bench_bone(repeats: int = 10, case_index: int = 0, bundle_dir: Path = BONE_B
     fields = {name: case.get(name) for name in predictor.schema.names}
     roi = Roi(points=[tuple(case["center_ijk"])])
     center_mm = voxel_to_world(image.affine.numpy(), [case["center_ijk"]])[0]
-    patch, clinical, _ = predictor.inputs(image, center_mm, predictor.clinical_values(fields))
-    inputs = (patch,) if clinical is None else (patch, clinical)
+    patch, _ = predictor.patch(image, center_mm)
+    clinical = torch.from_numpy(predictor.schema.encode(predictor.clinical_values(fields)))[None]
+    inputs = (patch, clinical) if predictor.fusion else (patch,)
     members = predictor.ensemble.members()
 
     def model_only() -> None:
@@ -62,7 +63,7 @@ def bench_bone(repeats: int = 10, case_index: int = 0, bundle_dir: Path = BONE_B
             torch.stack([torch.softmax(m(*inputs), dim=-1) for m in members]).mean(0)
 
     model_only()  # warm-up
-    predictor.predict(image, roi, fields)
+    predictor.predict({"image": image}, roi, fields)
     result = {
         "bundle": bundle_dir.name,
         "case": case["case_id"],
@@ -72,7 +73,7 @@ def bench_bone(repeats: int = 10, case_index: int = 0, bundle_dir: Path = BONE_B
         "torch_threads": threads,
         "repeats": repeats,
         "model_only_median_s": _median_time(model_only, repeats),
-        "predict_with_explanation_median_s": _median_time(lambda: predictor.predict(image, roi, fields), repeats),
+        "predict_with_explanation_median_s": _median_time(lambda: predictor.predict({"image": image}, roi, fields), repeats),
     }
     logger.info("bone model-only %.4f s, full predict %.3f s (median of %d)", result["model_only_median_s"],
                 result["predict_with_explanation_median_s"], repeats)

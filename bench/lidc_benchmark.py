@@ -7,7 +7,7 @@ patient) keeps the nodules of one patient out of their own training folds. The s
 AUROC of 0.904; a text model built from the same features should come close to this ceiling.
 
 Part (ii), the bundle's text path: each nodule's ratings become semantic features and an impression
-sentence (``oncofusion.text.reports``, as in training), which the bundle's text tower (the packaged
+sentence (``oncofusion.models.lung_nodule.reports``, as in training), which the bundle's text tower (the packaged
 all-MiniLM-L6-v2) embeds; the bundle's projection head and text head are trained on the same folds.
 The encoder is kept frozen here (the bundle adapts it with LoRA), so that the benchmark runs in about
 a minute on a CPU. The text sees only the binarised features, so it can lose information the raw
@@ -36,7 +36,7 @@ from sklearn.model_selection import GroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from oncofusion.data.lidc import RATING_NAMES, LidcNodule, load_nodules
+from oncofusion.models.lung_nodule.lidc import RATING_NAMES, LidcNodule, load_nodules
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def semantic_feature_auroc(nodules: Sequence[LidcNodule], n_splits: int = 5, see
     This is the information ceiling of the text path: the sentences carry these features and nothing
     finer (no subtlety, no rating steps within an option).
     """
-    from oncofusion.text.reports import SEMANTIC_OPTIONS, semantic_features
+    from oncofusion.models.lung_nodule.reports import SEMANTIC_OPTIONS, semantic_features
 
     _, y, groups = rating_matrix(nodules)
     labelled = [n for n in nodules if n.label is not None]
@@ -108,7 +108,7 @@ def semantic_feature_auroc(nodules: Sequence[LidcNodule], n_splits: int = 5, see
 
 def impressions(nodules: Sequence[LidcNodule], seed: int = 0) -> list[str]:
     """The impression sentence of every labelled nodule, built as the training data builds it."""
-    from oncofusion.text.reports import build_report, semantic_features
+    from oncofusion.models.lung_nodule.reports import build_report, semantic_features
 
     labelled = [n for n in nodules if n.label is not None]
     return [

@@ -89,8 +89,8 @@ def bench_model(studies: Path, image_id: str, click: list[int]) -> dict[str, Any
     import torch
     from monai.bundle import ConfigParser
 
-    from oncofusion.serving.image_cache import read_volume
-    from oncofusion.serving.predictor import Roi
+    from oncofusion.contract import Roi
+    from oncofusion.io.readers import read_volume
 
     torch.set_num_threads(1)  # as the server runs inference (apps/oncofusion, conf infer_threads)
     parser = ConfigParser()
@@ -99,16 +99,16 @@ def bench_model(studies: Path, image_id: str, click: list[int]) -> dict[str, Any
     predictor = parser.get_parsed_content("predictor")
     decode_s, image = _timed(lambda: read_volume(studies / f"{image_id}.nii.gz"), 1)
     roi = Roi(points=[tuple(click)])
-    predictor.predict(image, roi, {})
-    model_s, _ = _timed(lambda: predictor.predict(image, roi, {}), WARM_CLICKS)
+    predictor.predict({"image": image}, roi, {})
+    model_s, _ = _timed(lambda: predictor.predict({"image": image}, roi, {}), WARM_CLICKS)
     return {"model_only_median_s": model_s, "decode_512x512x300_s": decode_s,
-            "num_fold_models": len(predictor.ensemble.members)}
+            "num_fold_models": len(predictor.ensemble.members())}
 
 
 def bench_nine_views() -> dict[str, Any]:
     from scipy.ndimage import gaussian_filter
 
-    from oncofusion.transforms.nine_views import extract_nine_views, reference_nine_views
+    from oncofusion.models.lung_nodule.nine_views import extract_nine_views, reference_nine_views
 
     cube = gaussian_filter(np.random.default_rng(0).normal(size=(64, 64, 64)), 2).astype(np.float32)
     fast_s, _ = _timed(lambda: extract_nine_views(cube, 50, 50, order=3), 10)

@@ -2,7 +2,8 @@
 
 ``predict`` runs a bundle's predictor on one image exactly as the MONAI Label server does (same
 loading, same request validation), so a bad input reads the same here as over HTTP.
-``train`` runs a bundle's ``train.json`` once per fold, the K-fold recipe of the papers.
+``train`` runs a bundle's training plan (``configs/plan.json``: stages, variants, folds), the same plan
+``make`` and the server's ``/train`` run.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from oncofusion.serving.predictor import InvalidRequest
+from oncofusion.contract import InvalidRequest
 
 
 def _ints(text: str) -> list[float]:
@@ -36,7 +37,7 @@ def _field(text: str) -> tuple[str, Any]:
 
 
 def predict(args: argparse.Namespace) -> int:
-    from oncofusion.serving.image_cache import ImageCache
+    from oncofusion.io.cache import ImageCache
     from oncofusion.serving.infer_task import BundleInferTask
 
     request: dict[str, Any] = {"image": str(args.image), **dict(args.field or [])}
@@ -46,7 +47,9 @@ def predict(args: argparse.Namespace) -> int:
         request["roi"] = args.roi
     if args.mask:
         request["label"] = str(args.mask)
-    task = BundleInferTask(Path(args.bundle), ImageCache(capacity=1))
+    if args.input:
+        request["images"] = {name: str(path) for name, path in args.input}
+    task = BundleInferTask(Path(args.bundle), ImageCache(max_bytes=0))
     label_file, result = task(request)
     if label_file and args.label_out:
         shutil.move(label_file, args.label_out)
@@ -56,20 +59,26 @@ def predict(args: argparse.Namespace) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
-    from monai.bundle import run
     from tqdm import tqdm
 
+    from oncofusion.training import TrainingPlan, run_plan
+
     bundle = Path(args.bundle).resolve()
-    overrides: dict[str, Any] = {"bundle_root": str(bundle)}
-    if args.datalist_file:
-        overrides["datalist_file"] = str(Path(args.datalist_file).resolve())
-    if args.max_epochs:
-        overrides["max_epochs"] = args.max_epochs
-    if args.ckpt_dir:
-        overrides["ckpt_dir"] = str(Path(args.ckpt_dir).resolve())
-    for fold in tqdm(range(args.folds), desc=f"training {bundle.name}", unit="fold"):
-        run(config_file=str(bundle / "configs" / "train.json"), logging_file=str(bundle / "configs" / "logging.conf"),
-            fold=fold, **overrides)
+    overrides: dict[str, Any] = {
+        "datalist_file": str(Path(args.datalist_file).resolve()) if args.datalist_file else None,
+        "max_epochs": args.max_epochs,
+        "ckpt_dir": str(Path(args.ckpt_dir).resolve()) if args.ckpt_dir else None,
+        "output_dir": str(Path(args.output_dir).resolve()) if args.output_dir else None,
+    }
+    steps = TrainingPlan.load(bundle).steps(args.variant, args.fold)
+    with tqdm(total=len(steps), desc=f"training {bundle.name}", unit="step") as bar:
+        def advance(step, index, total):
+            bar.set_postfix_str(step.describe())
+            if index:
+                bar.update(1)
+
+        run_plan(bundle, overrides, args.variant, args.fold, progress=advance)
+        bar.update(1)
     return 0
 
 
@@ -79,7 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("predict", help="predict for one lesion in one image")
     p.add_argument("--bundle", required=True, help="bundle directory, e.g. bundles/lung_nodule_clip")
-    p.add_argument("--image", required=True, type=Path, help="NIfTI file or DICOM series folder")
+    p.add_argument("--image", required=True, type=Path,
+                   help="the primary image: NIfTI/NRRD file or DICOM series folder (3D), DICOM/PNG/JPEG (2D)")
+    p.add_argument("--input", type=_field, action="append",
+                   help="a further image input name=path, e.g. slide=patient7.svs (repeatable)")
     p.add_argument("--point", type=_ints, action="append", help="lesion click i,j,k (voxel indices)")
     p.add_argument("--roi", type=_ints, help="box i0,i1,j0,j1,k0,k1 (voxel indices)")
     p.add_argument("--mask", type=Path, help="label mask on the image grid")
@@ -87,12 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-out", type=Path, help="where to keep the label volume (NIfTI)")
     p.set_defaults(func=predict)
 
-    t = commands.add_parser("train", help="train a bundle fold by fold")
+    t = commands.add_parser("train", help="run a bundle's training plan (configs/plan.json): every stage, "
+                                          "variant and fold")
     t.add_argument("--bundle", required=True)
     t.add_argument("--datalist-file", help="manifest.json to train on (default: the bundle's)")
-    t.add_argument("--folds", type=int, default=5)
+    t.add_argument("--variant", action="append", help="train only this variant (repeatable; default all)")
+    t.add_argument("--fold", type=int, action="append", help="train only this fold (repeatable; default all)")
     t.add_argument("--max-epochs", type=int)
     t.add_argument("--ckpt-dir", help="where fold checkpoints go (default: the bundle's models/)")
+    t.add_argument("--output-dir", help="where logs and run outputs go (default: the bundle's runs/)")
     t.set_defaults(func=train)
     return parser
 
@@ -102,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (InvalidRequest, FileNotFoundError, ValueError) as e:
+    except (InvalidRequest, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

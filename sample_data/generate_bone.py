@@ -50,7 +50,8 @@ from scipy import ndimage
 from scipy.special import expit, ndtr
 from scipy.stats import rankdata
 
-from sample_data.generate_lung import Grid, assign_folds, triple_arg, write_nifti
+from oncofusion.data.folds import assign_folds
+from sample_data.common import Grid, triple_arg, write_nifti
 
 logger = logging.getLogger(__name__)
 

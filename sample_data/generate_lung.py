@@ -24,18 +24,18 @@ import json
 import logging
 import os
 import time
-from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from oncofusion.data.lidc import LidcNodule, load_nodules, malignancy_label
-from oncofusion.text.reports import build_report, semantic_features
+from oncofusion.data.folds import assign_folds
+from oncofusion.models.lung_nodule.lidc import LidcNodule, load_nodules, malignancy_label
+from oncofusion.models.lung_nodule.reports import build_report, semantic_features
+from sample_data.common import Grid, triple_arg, write_nifti
 
 logger = logging.getLogger(__name__)
 
@@ -90,33 +90,6 @@ NODULE_PAD_MM = 18.0  # room around the nodule's mask for spicules and edge blur
 VESSEL_DEPTH, VESSEL_TRUNK_LENGTH, VESSEL_TRUNK_RADIUS = 7, 26.0, 4.5
 VESSEL_LENGTH_DECAY, VESSEL_RADIUS_DECAY = 0.8, 0.72
 HILUM_X, HILUM_Y = 35.0, -5.0
-
-
-@dataclass(frozen=True)
-class Grid:
-    """A volume's voxel grid in world RAS mm: voxel (i, j, k) lies at ``origin + (i, j, k) * spacing``."""
-
-    shape: tuple[int, int, int]
-    spacing: tuple[float, float, float]
-    origin: tuple[float, float, float]
-
-    @property
-    def affine(self) -> np.ndarray:
-        """The 4x4 voxel-to-RAS matrix stored in the NIfTI header."""
-        affine = np.diag([*self.spacing, 1.0])
-        affine[:3, 3] = self.origin
-        return affine
-
-    def axes(self, lo: Sequence[int] = (0, 0, 0), hi: Sequence[int] | None = None) -> list[np.ndarray]:
-        """World coordinates along each axis for voxel ranges ``lo..hi``, shaped for broadcasting."""
-        hi = self.shape if hi is None else hi
-        out = []
-        for axis in range(3):
-            coords = self.origin[axis] + np.arange(lo[axis], hi[axis]) * self.spacing[axis]
-            shape = [1, 1, 1]
-            shape[axis] = coords.size
-            out.append(coords.reshape(shape).astype(np.float32))
-        return out
 
 
 # ----------------------------------------------------------------------------- phantom anatomy
@@ -533,15 +506,6 @@ def render_case(task: CaseTask) -> dict:
     return {"center_ijk": [int(v) for v in center_ijk], "center_mm": [round(float(v), 3) for v in center_mm]}
 
 
-def write_nifti(image: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    """Save int16 HU with the affine as both qform and sform (scanner RAS), units mm."""
-    img = nib.Nifti1Image(image, affine)
-    img.header.set_xyzt_units("mm")
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    img.to_filename(str(path))
-
-
 # ----------------------------------------------------------------------------- case selection, folds, manifest
 
 
@@ -563,33 +527,6 @@ def select_nodules(nodules: Sequence[LidcNodule], num_cases: int, seed: int) -> 
     if len(chosen) < num_cases:
         logger.warning("only %d labelled nodules are available (asked for %d)", len(chosen), num_cases)
     return sorted(chosen, key=lambda n: (n.scan_id, n.nodule_index))
-
-
-def assign_folds(patients: Sequence[str], labels: Sequence[int], num_folds: int, seed: int) -> list[int]:
-    """Patient-level folds: all cases of a patient share a fold; folds are balanced in size and label.
-
-    Patients (in a seeded random order, larger first) go one by one to the fold holding the fewest
-    cases of the patient's majority label, then the fewest cases overall.
-    """
-    if num_folds < 2:
-        raise ValueError(f"num_folds must be at least 2, got {num_folds}")
-    cases: dict[str, list[int]] = defaultdict(list)
-    for index, patient in enumerate(patients):
-        cases[patient].append(index)
-    order = np.random.default_rng(seed).permutation(sorted(cases))
-    order = sorted(order, key=lambda p: -len(cases[p]))
-    per_label = np.zeros((num_folds, 2), dtype=int)
-    folds = [0] * len(patients)
-    for patient in order:
-        patient_labels = [labels[i] for i in cases[patient]]
-        majority = int(round(np.mean(patient_labels)))
-        fold = min(range(num_folds), key=lambda f: (per_label[f, majority], per_label[f].sum(), f))
-        for i in cases[patient]:
-            folds[i] = fold
-            per_label[fold, labels[i]] += 1
-    if (per_label.sum(1) == 0).any():
-        logger.warning("some of the %d folds are empty: too few patients", num_folds)
-    return folds
 
 
 def _case_record(index: int, nodule: LidcNodule, seed: int, geometry: dict) -> dict:
@@ -683,18 +620,6 @@ def generate(
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
-
-
-def triple_arg(kind: type):
-    """argparse type for 'a,b,c' (three values of ``kind``); shared by the sample-data generators."""
-
-    def parse(text: str) -> tuple:
-        parts = [kind(p) for p in text.split(",")]
-        if len(parts) != 3:
-            raise argparse.ArgumentTypeError(f"expected three comma-separated values, got {text!r}")
-        return tuple(parts)
-
-    return parse
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from monailabel.client.client import MONAILabelClientException
 
+from oncofusion.contract import InvalidRequest, Prediction, Roi
 from oncofusion.data import manifest
-from oncofusion.serving.predictor import InvalidRequest, Prediction, Roi
+from oncofusion.targets import BinaryTarget
 
 SHAPE = (24, 20, 16)
 AFFINE = np.array([[-0.8, 0, 0, 10.0], [0, -0.8, 0, 20.0], [0, 0, 2.0, -30.0], [0, 0, 0, 1]])
@@ -38,12 +39,13 @@ class SphereMeanPredictor:
         self.bundle_root = bundle_root
         self.config_options = {"threshold": threshold, "radius": radius, "draw": [True, False]}
 
-    def predict(self, image: torch.Tensor, roi: Roi, fields: dict[str, Any]) -> Prediction:
+    def predict(self, images: dict[str, torch.Tensor], roi: Roi, fields: dict[str, Any]) -> Prediction:
+        image = images["image"]
         threshold = self._number(fields, "threshold")
         radius = self._number(fields, "radius")
         if radius <= 0:
             raise InvalidRequest(f"'radius' must be > 0, got {radius:g}")
-        center = roi.center_ijk()
+        center = roi.center()
         grid = np.stack(np.meshgrid(*[np.arange(s) for s in image.shape[1:]], indexing="ij"), axis=-1)
         sphere = np.linalg.norm(grid - center, axis=-1) <= radius
         mean = float(image[0].cpu().numpy()[sphere].mean())
@@ -80,7 +82,7 @@ class FakeTrainer:
 
     def run(self) -> None:
         # read the datalist the way the real bundles do: it is a case manifest
-        records = manifest.datalist(self.datalist_file)
+        records = manifest.datalist(self.datalist_file, BinaryTarget())
         self.output_dir.mkdir(parents=True, exist_ok=True)
         summary = {
             "epochs": self.max_epochs,
@@ -109,6 +111,7 @@ def make_fake_bundle(root: Path, name: str = "fake_nodule") -> Path:
     inference = {
         "bundle_root": ".",
         "device": "$torch.device('cpu')",
+        "target": {"_target_": "oncofusion.targets.BinaryTarget", "class_names": ["benign", "malignant"]},
         "predictor": {
             "_target_": "tests.serving_fakes.SphereMeanPredictor",
             "radius": 2.0,

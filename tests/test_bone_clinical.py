@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from oncofusion.contract import InvalidRequest
 from oncofusion.data.clinical import ClinicalSchema, field_from_config, is_missing
-from oncofusion.serving.predictor import InvalidRequest
 from oncofusion.serving.request import merge_fields
 from oncofusion.transforms.clinical import ClinicalVectord
 from tests.bone_helpers import BONE_BUNDLE

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from scipy.special import ndtr
 
-from oncofusion.data.clinical import clinical_datalist
+from oncofusion.data.manifest import datalist
 from oncofusion.metrics.classification import auroc
+from oncofusion.targets import BinaryTarget
 from sample_data.generate_bone import (
     AGE_MIXTURE,
     AGE_RANGE,
@@ -58,7 +59,8 @@ def test_layout_sidecars_and_manifest(tiny_bone_data):
     # patient-level folds: one patient per case here, every fold holds both classes
     folds = {(c["fold"], c["label"]) for c in manifest["cases"]}
     assert folds == {(0, 0), (0, 1), (1, 0), (1, 1)}
-    records = clinical_datalist(tiny_bone_data, ["sex", "age", "location", "fracture"], folds=[1])
+    records = datalist(tiny_bone_data, BinaryTarget(class_names=("chondroid", "osteoid")), folds=[1],
+                       optional_keys=["sex", "age", "location", "fracture"])
     assert records and all(r["fold"] == 1 and "age" in r for r in records)
 
 

@@ -12,7 +12,7 @@ import torch
 
 from oncofusion.explain.attribution import field_contributions, integrated_gradients
 from oncofusion.explain.gradcam import gradcam_map, heat_levels
-from oncofusion.networks.scnet import CBAM, SCNet, attention_block
+from oncofusion.models.bone_scnet.network import CBAM, SCNet, attention_block
 from oncofusion.networks.trainable import TrainableWeights
 from tests.bone_helpers import BONE_BUNDLE, bone_bundle_config
 
@@ -83,11 +83,15 @@ def test_multi_input_network_matches_the_metadata():
 
 
 def test_train_and_inference_configs_agree():
-    """The network and the clinical schema are written in both configs; they must not drift apart."""
+    """The target and the clinical fields are written once (train.json takes them from inference.json by
+    macro); the network and the crop are written in both and must not drift apart."""
     train = json.loads((BONE_BUNDLE / "configs" / "train.json").read_text())
     inference = json.loads((BONE_BUNDLE / "configs" / "inference.json").read_text())
-    for key in ("network_def", "clinical_fields", "class_names", "crop_voxels", "crop_spacing_mm", "bone_window",
-                "padding_hu", "fusion", "attention", "hu_range"):
+    for key in ("target", "clinical_fields"):
+        assert train[key] == f"%configs/inference.json#{key}", key
+    assert train["class_names"] == inference["class_names"] == "@target#class_names"
+    for key in ("network_def", "crop_voxels", "crop_spacing_mm", "bone_window", "padding_hu", "fusion", "attention",
+                "hu_range"):
         assert train[key] == inference[key], key
 
 

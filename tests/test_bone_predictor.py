@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from oncofusion.contract import InvalidRequest, Roi
 from oncofusion.data.roi import roi_extent_mm, roi_region
-from oncofusion.networks.scnet import SCNet
+from oncofusion.models.bone_scnet.network import SCNet
 from oncofusion.networks.trainable import TrainableWeights
-from oncofusion.serving.predictor import InvalidRequest, Roi
 from oncofusion.transforms.cube_to_image import cube_to_image
 from oncofusion.transforms.geometry import voxel_to_world
 from tests.bone_helpers import blob_image, bone_bundle_config
@@ -54,9 +54,12 @@ def test_crop_is_centred_on_the_roi_for_click_box_and_mask(predictor):
             Roi(mask=mask), Roi(points=[(BLOB[0] - 2, BLOB[1], BLOB[2]), (BLOB[0] + 2, BLOB[1], BLOB[2])])]
     patches = []
     for roi in rois:
-        np.testing.assert_allclose(roi.center_ijk(), BLOB)
-        center_mm = voxel_to_world(AFFINE, roi.center_ijk()[None])[0]
-        patch, clinical, patch_affine = predictor.inputs(image, center_mm, predictor.clinical_values(FIELDS))
+        np.testing.assert_allclose(roi.center(), BLOB)
+        center_mm = voxel_to_world(AFFINE, roi.center()[None])[0]
+        context = predictor.locate({"image": image}, roi, FIELDS, fold=None)
+        np.testing.assert_allclose(context.center_mm, center_mm)
+        patch, clinical = predictor.model_inputs(context)
+        patch_affine = context.extras["patch_affine"]
         assert patch.shape == (1, 1, 24, 24, 24) and clinical.shape == (1, 11)
         # the blob (bone window: 1000 HU -> 0.83) sits on the patch's centre voxel, whatever the image orientation
         np.testing.assert_array_equal(np.argwhere(patch[0, 0].numpy() == patch.max()).mean(0), (12, 12, 12))
@@ -97,7 +100,7 @@ def test_roi_region_and_extent():
 
 def test_predict_returns_probabilities_heatmap_and_contributions(predictor):
     image = blob_image(shape=(44, 36, 28), affine=AFFINE, blob_ijk=BLOB)
-    prediction = predictor.predict(image, Roi(points=[BLOB]), {**FIELDS, "radius_mm": "8"})
+    prediction = predictor.predict({"image": image}, Roi(points=[BLOB]), {**FIELDS, "radius_mm": "8"})
     result = prediction.result
     assert result["prediction"] in ("chondroid", "osteoid")
     assert sum(result["class_probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
@@ -114,23 +117,23 @@ def test_predict_returns_probabilities_heatmap_and_contributions(predictor):
     names = list(prediction.label_names)
     assert re.fullmatch(r"(osteoid|chondroid) \d\.\d\d( \(.+\))?", names[0])
     assert prediction.label_names[names[0]] == label.max()
-    assert names[0] == predictor.summary(result)
+    assert names[0] == predictor.summarize(result)
 
 
 def test_clinical_input_changes_the_prediction(predictor):
     image = blob_image(shape=(44, 36, 28), affine=AFFINE, blob_ijk=BLOB)
-    young = predictor.predict(image, Roi(points=[BLOB]), FIELDS).result["osteoid_probability"]
-    old = predictor.predict(image, Roi(points=[BLOB]), {"sex": "female", "age": 70, "location": "flat bone",
+    young = predictor.predict({"image": image}, Roi(points=[BLOB]), FIELDS).result["osteoid_probability"]
+    old = predictor.predict({"image": image}, Roi(points=[BLOB]), {"sex": "female", "age": 70, "location": "flat bone",
                                                         "fracture": "yes"}).result["osteoid_probability"]
     assert young != pytest.approx(old, abs=1e-6)
 
 
 def test_missing_optional_fields_are_allowed_and_not_summarised(predictor):
     image = blob_image(shape=(44, 36, 28), affine=AFFINE, blob_ijk=BLOB)
-    result = predictor.predict(image, Roi(points=[BLOB]), {"sex": "female", "age": 50}).result
+    result = predictor.predict({"image": image}, Roi(points=[BLOB]), {"sex": "female", "age": 50}).result
     assert result["clinical_fields"]["location"] is None and result["clinical_fields"]["fracture"] is None
     assert result["clinical_contributions"]["location"]["value"] == "unknown location"
-    assert "location" not in predictor.summary(result) and "fracture" not in predictor.summary(result)
+    assert "location" not in predictor.summarize(result) and "fracture" not in predictor.summarize(result)
 
 
 @pytest.mark.parametrize(
@@ -146,23 +149,23 @@ def test_missing_optional_fields_are_allowed_and_not_summarised(predictor):
 def test_bad_fields_are_invalid_requests(predictor, fields, message):
     image = blob_image(shape=(44, 36, 28), affine=AFFINE, blob_ijk=BLOB)
     with pytest.raises(InvalidRequest, match=re.escape(message)):
-        predictor.predict(image, Roi(points=[BLOB]), fields)
+        predictor.predict({"image": image}, Roi(points=[BLOB]), fields)
 
 
 def test_roi_outside_and_fold_selection(predictor):
     image = blob_image(shape=(44, 36, 28), affine=AFFINE, blob_ijk=BLOB)
     with pytest.raises(InvalidRequest, match="lies outside image 44x36x28"):
-        predictor.predict(image, Roi(points=[(50, 1, 1)]), FIELDS)
-    one = predictor.predict(image, Roi(points=[BLOB]), FIELDS, fold=1).result
+        predictor.predict({"image": image}, Roi(points=[(50, 1, 1)]), FIELDS)
+    one = predictor.predict({"image": image}, Roi(points=[BLOB]), FIELDS, fold=1).result
     assert len(one["fold_probabilities"]) == 1
     with pytest.raises(ValueError, match="no checkpoint of fold 7"):
-        predictor.predict(image, Roi(points=[BLOB]), FIELDS, fold=7)
+        predictor.predict({"image": image}, Roi(points=[BLOB]), FIELDS, fold=7)
 
 
 def test_image_only_predictor_needs_no_clinical_form(image_only_predictor):
     assert image_only_predictor.config_options == {"radius_mm": 10.0}
     image = blob_image(shape=(44, 36, 28), affine=AFFINE, blob_ijk=BLOB)
-    prediction = image_only_predictor.predict(image, Roi(points=[BLOB]), {})
+    prediction = image_only_predictor.predict({"image": image}, Roi(points=[BLOB]), {})
     assert prediction.result["model_variant"] == "S-Net (CT only)"
     assert "clinical_contributions" not in prediction.result and prediction.result["clinical_fields"] == {}
     assert list(prediction.label_names)[0].endswith("(CT only)")

@@ -38,7 +38,7 @@ def test_inference_writes_a_prediction_per_case(tiny_lung_data, tiny_lung_checkp
     assert len(predictions) == 10
     for row in predictions:
         assert 0.0 <= row["malignancy_probability"] <= 1.0
-        assert len(row["fold_malignancy_probabilities"]) == 2
+        assert len(row["fold_probabilities"]) == 2
         assert sum(row["view_attention"].values()) == pytest.approx(1.0, abs=1e-4)
         assert sum(row["semantic_features"]["texture"].values()) == pytest.approx(1.0, abs=1e-4)
 

@@ -8,12 +8,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from oncofusion.data.lidc import load_nodules
 from oncofusion.data.manifest import datalist, load_manifest
-from oncofusion.text.reports import semantic_features
+from oncofusion.models.lung_nodule.lidc import load_nodules
+from oncofusion.models.lung_nodule.reports import semantic_features
+from oncofusion.targets import BinaryTarget
 from sample_data.generate_lung import (
     CaseTask,
-    assign_folds,
     generate,
     parse_args,
     render_case,
@@ -109,18 +109,6 @@ def test_image_geometry(dataset):
         assert data.min() >= -1024 and (data < -700).mean() > 0.2  # mostly lung or air around a nodule
 
 
-def test_folds_are_patient_level():
-    patients = ["a", "a", "b", "c", "c", "c", "d", "e", "f", "f"]
-    labels = [1, 1, 0, 0, 1, 0, 1, 0, 1, 1]
-    folds = assign_folds(patients, labels, num_folds=3, seed=0)
-    assert set(folds) <= {0, 1, 2} and len(set(folds)) == 3
-    for patient in set(patients):
-        assert len({f for p, f in zip(patients, folds, strict=True) if p == patient}) == 1
-    assert folds == assign_folds(patients, labels, num_folds=3, seed=0)
-    with pytest.raises(ValueError):
-        assign_folds(patients, labels, num_folds=1, seed=0)
-
-
 def test_manifest_folds_are_patient_level(dataset):
     _, manifest = dataset
     fold_of = {}
@@ -185,21 +173,40 @@ def test_generation_is_deterministic(tmp_path, nodules):
         assert np.array_equal(a, b)
 
 
+TARGET = BinaryTarget(class_names=("benign", "malignant"))
+
+
 def test_datalist_and_fold_filters(dataset):
     out, manifest = dataset
     path = out / "manifest.json"
-    records = datalist(path)
+    records = datalist(path, TARGET, keys=["impression"])
     assert len(records) == 4
     for record, case in zip(records, manifest["cases"], strict=True):
-        assert {"image", "center_mm", "label", "report", "case_id", "patient_id"} <= set(record)
-        assert record["report"] == case["impression"]
+        assert {"image", "center_mm", "label", "impression", "case_id", "patient_id"} <= set(record)
+        assert record["impression"] == case["impression"] and record["label"] == case["label"]
         assert record["image"].startswith("/") and (out / case["image"]).samefile(record["image"])
     for fold in (0, 1):
-        val = datalist(path, folds=[fold])
-        train = datalist(path, exclude_folds=[fold])
+        val = datalist(path, TARGET, folds=[fold])
+        train = datalist(path, TARGET, exclude_folds=[fold])
         assert len(val) + len(train) == 4
         assert not {r["case_id"] for r in val} & {r["case_id"] for r in train}
     assert load_manifest(path)[0]["fold"] in (0, 1)
+
+
+def test_nested_parts_split_the_training_folds_by_patient(tmp_path):
+    cases = [{"case_id": f"c{i}", "patient_id": f"p{i // 2}", "image": f"c{i}.nii.gz", "fold": i % 3,
+              "label": (i // 2) % 2} for i in range(36)]
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps({"cases": cases}))
+    train = datalist(path, TARGET, exclude_folds=[0], part="train", validation_fraction=0.25)
+    validation = datalist(path, TARGET, exclude_folds=[0], part="validation", validation_fraction=0.25)
+    outer = {r["case_id"] for r in datalist(path, TARGET, exclude_folds=[0])}
+    assert {r["case_id"] for r in train} | {r["case_id"] for r in validation} == outer
+    assert not {r["patient_id"] for r in train} & {r["patient_id"] for r in validation}
+    assert all(r["fold"] != 0 for r in train + validation)
+    assert {r["label"] for r in validation} == {0, 1} and 0.15 < len(validation) / len(outer) < 0.35
+    with pytest.raises(ValueError, match="part"):
+        datalist(path, TARGET, part="test")
 
 
 def test_manifest_errors_name_file_and_key(tmp_path, dataset):
@@ -208,11 +215,21 @@ def test_manifest_errors_name_file_and_key(tmp_path, dataset):
         load_manifest(missing)
     _, manifest = dataset
     broken = json.loads(json.dumps(manifest))
-    del broken["cases"][1]["center_mm"]
+    del broken["cases"][1]["patient_id"]
     path = tmp_path / "broken.json"
     path.write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match=r"broken\.json.*patient_id"):
+        datalist(path, TARGET)
+    broken = json.loads(json.dumps(manifest))
+    broken["cases"][1]["center_mm"] = [1.0, "x", 2.0]
+    path.write_text(json.dumps(broken))
     with pytest.raises(ValueError, match=r"broken\.json.*center_mm"):
-        datalist(path)
+        datalist(path, TARGET)
+    broken["cases"][1]["center_mm"] = [1.0, 2.0, 3.0]
+    broken["cases"][1]["label"] = 4
+    path.write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match=r"label"):
+        datalist(path, TARGET)
 
 
 def test_cli_options():

@@ -61,7 +61,7 @@ def test_rejects_bad_shapes_and_centres():
 
 
 def test_box_label_marks_the_cube_the_views_were_cut_from():
-    from oncofusion.predictors.nodule_clip import box_label
+    from oncofusion.models.lung_nodule.predictor import box_label
 
     affine = np.diag([0.5, 1.0, 2.0, 1.0])
     image = _image_with_blob(affine, (30, 25, 20))

@@ -12,7 +12,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from oncofusion.cli import main
-from oncofusion.serving.image_cache import read_volume
+from oncofusion.io.readers import read_volume
 from tests.serving_fakes import make_datastore, make_fake_bundle
 
 NUM_SLICES = 6

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from oncofusion.data.lidc import (
+from oncofusion.models.lung_nodule.lidc import (
     MAX_READS_PER_NODULE,
     RATING_NAMES,
     Contour,

@@ -7,9 +7,12 @@ import torch.nn.functional as F
 from sklearn.metrics import average_precision_score, roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
-from oncofusion.losses.contrastive import ContrastiveClassificationLoss, clip_contrastive_loss
+from oncofusion.losses.contrastive import (
+    ContrastiveClassificationLoss,
+    ContrastiveOutput,
+    clip_contrastive_loss,
+)
 from oncofusion.metrics.classification import auprc, auroc, bootstrap, calibration_curve, roc_curve
-from oncofusion.networks.nodule_clip import ContrastiveOutput
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from oncofusion.networks.nodule_clip import ContrastiveOutput, NoduleCLIP
+from oncofusion.models.lung_nodule.network import ContrastiveOutput, NoduleCLIP
 from oncofusion.networks.towers import ConvImageTower, HFImageTower, HFTextTower, packaged_minilm_path
 from tests.tiny_models import save_tiny_clip
 

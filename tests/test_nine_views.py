@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from oncofusion.transforms.nine_views import (
+from oncofusion.models.lung_nodule.nine_views import (
     NUM_VIEWS,
     NineViewsd,
     extract_nine_views,

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from oncofusion.text.reports import (
+from oncofusion.models.lung_nodule.reports import (
     SEMANTIC_OPTIONS,
     augment_report,
     build_report,
@@ -16,7 +16,7 @@ from oncofusion.text.reports import (
     swap_synonyms,
     zero_shot_prompts,
 )
-from oncofusion.transforms.text import RandReportAugmentd
+from oncofusion.models.lung_nodule.text_augment import RandReportAugmentd
 
 NEUTRAL = {
     "subtlety": 3.0,

@@ -14,10 +14,11 @@ import torch
 from monai.data import NibabelReader
 from monailabel.datastore.local import LocalDatastore
 
+from oncofusion.contract import InvalidRequest
+from oncofusion.io.cache import ImageCache
+from oncofusion.io.readers import image_affine, read_volume
 from oncofusion.serving.discovery import discover_bundles
-from oncofusion.serving.image_cache import ImageCache, image_affine, read_volume
 from oncofusion.serving.infer_task import PREDICTIONS_KEY, BundleInferTask
-from oncofusion.serving.predictor import InvalidRequest
 from oncofusion.serving.request import (
     merge_fields,
     parse_box,
@@ -26,7 +27,7 @@ from oncofusion.serving.request import (
     read_sidecar,
     request_fields,
 )
-from oncofusion.serving.train_task import BundleTrainTask, assign_folds
+from oncofusion.serving.train_task import BundleTrainTask
 from tests.serving_fakes import AFFINE, SHAPE, make_datastore, make_fake_bundle, volume_with_blob, write_nifti
 
 
@@ -53,13 +54,13 @@ def test_parse_points_accepts_slicer_and_json_forms(value, expected):
 @pytest.mark.parametrize(
     "value, message",
     [
-        ([[1, 2]], "'foreground' point 0 must have 3 coordinates (i, j, k), got [1, 2]"),
+        ([[1, 2]], "'foreground' point 0 must have 3 coordinates (i, j, k) on this 3D image, got [1, 2]"),
         ([[1, 2, 3], [1, 2, 3, 4]], "'foreground' point 1 must have 3 coordinates"),
         ([["a", 2, 3]], "'foreground' point 0 has a non-numeric coordinate 'a'"),
         ([[True, 2, 3]], "non-numeric coordinate True"),
         ([[float("nan"), 2, 3]], "non-finite coordinate"),
         ("[[1, 2, 3]", "'foreground' is not valid JSON"),
-        ({"i": 1}, "'foreground' must be a point [i, j, k] or a list of points"),
+        ({"i": 1}, "'foreground' must be a point (i, j, k) or a list of points"),
         (5, "'foreground' must be a point"),
     ],
 )
@@ -68,6 +69,27 @@ def test_parse_points_rejects_malformed_with_param_name(value, message):
         parse_points(value, "foreground")
     assert message in _message(e)
     assert e.value.status_code == 422
+
+
+def test_prompts_take_the_dimension_of_the_image():
+    assert parse_points([[3, 4]], "foreground", dims=2) == [(3.0, 4.0)]
+    with pytest.raises(InvalidRequest, match=r"must have 2 coordinates \(i, j\) on this 2D image, got \[1, 2, 3\]"):
+        parse_points([[1, 2, 3]], "foreground", dims=2)
+    assert parse_box([9, 2, 1, 7], "roi", dims=2) == ((2.0, 1.0), (9.0, 7.0))
+    assert parse_box([[9, 1], [2, 7]], "roi", dims=2) == ((2.0, 1.0), (9.0, 7.0))
+    with pytest.raises(InvalidRequest, match=r"\[i0, i1, j0, j1\] on this 2D image"):
+        parse_box([1, 2, 3, 4, 5, 6], "roi", dims=2)
+    roi = parse_roi({"foreground": [[3, 4]], "background": [[1, 1]]}, (10, 8))
+    assert roi.points == [(3.0, 4.0)] and roi.background == [(1.0, 1.0)] and roi.spatial_dims == 2
+    with pytest.raises(InvalidRequest, match=r"ROI point \(12, 1\) lies outside image 10x8"):
+        parse_roi({"foreground": [[3, 4]], "background": [[12, 1]]}, (10, 8))
+
+
+def test_prompt_kinds_a_model_does_not_take_are_refused():
+    with pytest.raises(InvalidRequest, match="takes no box prompt; it accepts points"):
+        parse_roi({"foreground": [[1, 2, 3]], "roi": [0, 4, 0, 4, 0, 4]}, (8, 8, 8), kinds=("points",))
+    with pytest.raises(InvalidRequest, match=r"no lesion given: send an 'roi' box \[i0, i1, j0, j1\]$"):
+        parse_roi({}, (8, 8), kinds=("box",))
 
 
 def test_parse_box_slicer_flat_form_is_sorted_per_axis():
@@ -119,7 +141,7 @@ def test_label_mask_file(tmp_path):
     mask[4:7, 5:8, 6:9] = 1
     path = write_nifti(tmp_path / "mask.nii.gz", mask)
     roi = parse_roi({"label": str(path)}, SHAPE)
-    np.testing.assert_allclose(roi.center_ijk(), [5, 6, 7])
+    np.testing.assert_allclose(roi.center(), [5, 6, 7])
 
     with pytest.raises(
         InvalidRequest, match="label mask 'mask.nii.gz' has shape 24x20x16 but the image is 24x20x17"
@@ -266,7 +288,7 @@ def test_cache_hit_skips_decoding(tmp_path, monkeypatch):
     monkeypatch.setattr(NibabelReader, "read", counting_read)
     a = write_nifti(tmp_path / "a.nii.gz", volume_with_blob((12, 10, 8), 400.0))
     b = write_nifti(tmp_path / "b.nii.gz", volume_with_blob((12, 10, 8), 20.0))
-    cache = ImageCache(capacity=1)
+    cache = ImageCache(max_bytes=4 * int(np.prod(SHAPE)))  # room for one float32 volume
 
     first = cache.get(a)
     second = cache.get(str(a))
@@ -300,7 +322,7 @@ def served(tmp_path):
     bundle = make_fake_bundle(tmp_path / "bundles")
     studies = make_datastore(tmp_path / "datastore")
     datastore = LocalDatastore(str(studies), extensions=["*.nii.gz", "*.nii"])
-    task = BundleInferTask(bundle, ImageCache(2), sidecar_dir=studies / "sidecars", datastore=datastore)
+    task = BundleInferTask(bundle, ImageCache(max_bytes=2**24), sidecar_dir=studies / "sidecars", datastore=datastore)
     return task, datastore, studies
 
 
@@ -381,28 +403,22 @@ def test_train_task_records_and_checks(tmp_path):
     assert [r["case_id"] for r in records] == ["case_bright", "case_dim"]  # the unlabelled study is skipped
     bright = records[0]
     assert bright["label"] == 1 and bright["patient_id"] == "P-case_bright" and bright["age"] == 63
-    assert bright["report"] == bright["impression"] == "case_bright: solid nodule"
+    assert bright["report"] == "case_bright: solid nodule" and "impression" not in bright  # sidecar as is
     assert {r["fold"] for r in records} == {0, 1}  # patient-level, one patient per label here
     np.testing.assert_allclose(bright["center_mm"], (AFFINE @ [12, 10, 8, 1])[:3], atol=1e-4)
     assert Path(bright["image"]).name == "case_bright.nii.gz"
 
     (studies / "sidecars" / "case_dim.json").write_text(json.dumps({"label": 1, "center_ijk": [8, 6, 5]}))
-    with pytest.raises(InvalidRequest, match="all 2 labelled studies have label 1; at least 2 classes"):
+    with pytest.raises(InvalidRequest, match="all 2 labelled studies fall in one binary stratum .1.; at least 2"):
+        task.check(datastore)
+    (studies / "sidecars" / "case_dim.json").write_text(json.dumps({"label": 3, "center_ijk": [8, 6, 5]}))
+    with pytest.raises(InvalidRequest, match="sidecar of 'case_dim': .*label"):
         task.check(datastore)
     (studies / "sidecars" / "case_dim.json").unlink()
     with pytest.raises(InvalidRequest, match="1 labelled studies found, at least 2 are needed"):
         task.check(datastore)
     with pytest.raises(InvalidRequest, match="'max_epochs' must be a positive integer, got 'many'"):
         task({"max_epochs": "many"}, datastore)
-
-
-def test_folds_are_patient_level_and_label_balanced():
-    records = [
-        {"patient_id": p, "label": label} for p, label in [("a", 0), ("a", 0), ("b", 0), ("c", 1), ("d", 1)]
-    ]
-    records.append({"patient_id": "e", "label": 1, "fold": 4})  # a fold from the sidecar is kept
-    assign_folds(records, num_folds=2)
-    assert [r["fold"] for r in records] == [0, 0, 1, 0, 1, 4]
 
 
 def test_discover_bundles(tmp_path):

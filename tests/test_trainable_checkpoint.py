@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from oncofusion.networks.nodule_clip import NoduleCLIP
+from oncofusion.models.lung_nodule.network import NoduleCLIP
 from oncofusion.networks.towers import ConvImageTower, HFTextTower
 from oncofusion.networks.trainable import TrainableWeights, load_trainable_state, trainable_keys
 from tests.tiny_models import save_tiny_clip

@@ -4,7 +4,8 @@ This file only wires; the tasks live in :mod:`oncofusion.serving`. Configuration
 
 - ``bundles``: directory holding the bundles (default: ``<repo>/bundles``)
 - ``models``: ``all`` or a comma list of bundle names (default: ``all``)
-- ``image_cache_size``: decoded studies kept in memory (default: 4)
+- ``image_cache_mb``: memory budget of the decoded studies kept between clicks, in MiB (default: 2048;
+  0 keeps nothing)
 - ``device``: ``cpu`` / ``cuda`` / ``cuda:1`` (default: cuda when available)
 - ``max_epochs``: default epochs of a ``/train`` request (default: 50)
 - ``train_timeout``: seconds after which a training run is killed (default: 86400)
@@ -45,10 +46,10 @@ def _ensure_importable(root: Path) -> None:
 
 _ensure_importable(REPO_ROOT)
 
+from oncofusion.contract import InvalidRequest  # noqa: E402
+from oncofusion.io.cache import ImageCache  # noqa: E402
 from oncofusion.serving.discovery import discover_bundles  # noqa: E402
-from oncofusion.serving.image_cache import ImageCache  # noqa: E402
 from oncofusion.serving.infer_task import BundleInferTask  # noqa: E402
-from oncofusion.serving.predictor import InvalidRequest  # noqa: E402
 from oncofusion.serving.train_task import BundleTrainTask  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class OncoFusionApp(MONAILabelApp):
         _stay_offline()
         conf = conf or {}
         self.bundles = discover_bundles(conf.get("bundles", REPO_ROOT / "bundles"), conf.get("models", "all"))
-        self.image_cache = ImageCache(int(conf.get("image_cache_size", 4)))
+        self.image_cache = ImageCache(max_bytes=int(float(conf.get("image_cache_mb", 2048)) * 2**20))
         # One click is a handful of small tensors: on a few CPU cores, intra-op threads spend more on
         # synchronisation than they save (measured: 5 ms on one thread vs 100-200 ms on two for the
         # lung image tower while another process loads the machine). Training runs in its own process.

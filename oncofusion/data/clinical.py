@@ -25,15 +25,14 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from oncofusion.data.manifest import _fold_filter, load_manifest
-from oncofusion.serving.predictor import InvalidRequest
+from oncofusion.contract import InvalidRequest
 
 #: values that mean "not known"; compared case-insensitively after stripping
 MISSING_TOKENS = frozenset({"", "unknown", "missing", "na", "n/a", "nan", "none", "null", "not known"})
@@ -356,37 +355,6 @@ class ClinicalSchema:
         the study's sidecar value in force. Free numbers are offered as "" for the same reason.
         """
         return {f.name: f.option() for f in self.fields}
-
-
-def clinical_datalist(
-    path: str | Path,
-    fields: ClinicalSchema | Iterable[str],
-    folds: list[int] | None = None,
-    exclude_folds: list[int] | None = None,
-) -> list[dict[str, Any]]:
-    """Records for a MONAI dataset from a case manifest whose cases carry clinical fields.
-
-    Each record: ``image`` (absolute), ``center_mm``, ``label``, ``case_id``, ``patient_id``, ``fold`` and
-    the raw value of every field (``None`` when the case lacks it; the encoding transform validates).
-    """
-    names = fields.names if isinstance(fields, ClinicalSchema) else list(fields)
-    wanted = _fold_filter(folds, exclude_folds)
-    keys = ("case_id", "patient_id", "image", "center_mm", "label", "fold")
-    records = []
-    for case in load_manifest(path, required_keys=keys):
-        if not wanted(case["fold"]):
-            continue
-        record = {
-            "image": case["image"],
-            "center_mm": [float(v) for v in case["center_mm"]],
-            "label": int(case["label"]),
-            "case_id": case["case_id"],
-            "patient_id": case["patient_id"],
-            "fold": int(case["fold"]),
-        }
-        record.update({name: case.get(name) for name in names})
-        records.append(record)
-    return records
 
 
 def manifest_summary(path: str | Path, keys: Sequence[str] = ()) -> dict[str, Any]:

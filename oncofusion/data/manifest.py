@@ -1,37 +1,38 @@
-"""Case manifests: the JSON index that ties images, nodule centres, labels and report text together.
+"""Case manifests: the JSON index that ties images, lesion positions, targets, text and fields together.
 
-A manifest (written by ``sample_data.generate_lung``) looks like::
+A manifest (written by the sample-data generators, or by ``/train`` from the datastore) looks like::
 
-    {"description": ..., "seed": 0, "num_folds": 5,
-     "cases": [{"case_id", "patient_id", "image": "datastore/<case_id>.nii.gz", "center_mm", "label",
-                "report", "impression", "fold", ...}, ...]}
+    {"description": ..., "num_folds": 5,
+     "cases": [{"case_id", "patient_id", "image": "datastore/<case_id>.nii.gz", "fold",
+                "center_mm" (optional), the target's fields, any other fields...}, ...]}
 
 Image paths are relative to the manifest so that the folder can be moved. Bundle configs call
-:func:`datalist`, e.g. ``"$oncofusion.data.manifest.datalist(@manifest, exclude_folds=[@fold])"``.
+:func:`datalist` with the bundle's target, e.g.
+``"$oncofusion.data.manifest.datalist(@datalist_file, @target, exclude_folds=[@fold], part='train')"``.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
-REQUIRED_CASE_KEYS: tuple[str, ...] = (
-    "case_id",
-    "patient_id",
-    "image",
-    "center_mm",
-    "label",
-    "impression",
-    "fold",
-)
+from oncofusion.data.folds import inner_split
+from oncofusion.targets import Target
+
+REQUIRED_CASE_KEYS: tuple[str, ...] = ("case_id", "patient_id", "image", "fold")
+#: the parts of the selected folds a training run reads: all of them, or the two sides of the inner split
+PARTS = (None, "train", "validation")
 
 
 def _read_json(path: Path) -> dict:
     """Read the manifest file, turning the usual failures into errors that name it."""
     if not path.is_file():
         raise ValueError(
-            f"manifest {path} does not exist; generate one with `python -m sample_data.generate_lung`"
+            f"manifest {path} does not exist; pass --datalist_file, or write one with a sample-data "
+            "generator (python -m sample_data.<generator>)"
         )
     try:
         data = json.loads(path.read_text())
@@ -44,28 +45,26 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _check_case(case: object, index: int, path: Path,
-                required_keys: Iterable[str] = REQUIRED_CASE_KEYS) -> None:
-    """Every case must carry the keys the bundles read, with a three-number centre."""
+def _check_case(case: object, index: int, path: Path, required_keys: Iterable[str]) -> None:
+    """Every case carries the keys the bundles read; a lesion centre, when given, is a list of numbers."""
     if not isinstance(case, dict):
         raise ValueError(f"manifest {path}: case {index} is not an object")
     name = case.get("case_id", f"#{index}")
-    for key in dict.fromkeys([*required_keys, "center_mm"]):
+    for key in required_keys:
         if key not in case:
             raise ValueError(f"manifest {path}: case {name} lacks the key '{key}'")
-    center = case["center_mm"]
-    if not isinstance(center, list | tuple) or len(center) != 3:
+    center = case.get("center_mm")
+    if center is not None and not (
+        isinstance(center, list | tuple) and len(center) in (2, 3)
+        and all(isinstance(v, int | float) and math.isfinite(v) for v in center)
+    ):
         raise ValueError(
-            f"manifest {path}: case {name} key 'center_mm' must be [x, y, z] in mm, got {center!r}"
+            f"manifest {path}: case {name} key 'center_mm' must be [x, y(, z)] in mm, got {center!r}"
         )
 
 
 def load_manifest(path: str | Path, required_keys: Iterable[str] = REQUIRED_CASE_KEYS) -> list[dict]:
-    """Read and validate a manifest; return its cases with ``image`` resolved to an absolute path.
-
-    ``required_keys``: the keys every case must have (a model without report text needs no
-    ``impression``); ``center_mm`` is always required and checked.
-    """
+    """Read and validate a manifest; return its cases with ``image`` resolved to an absolute path."""
     path = Path(path).expanduser().resolve()
     data = _read_json(path)
     cases = []
@@ -86,27 +85,47 @@ def _fold_filter(folds: Iterable[int] | None, exclude_folds: Iterable[int] | Non
 
 def datalist(
     path: str | Path,
-    folds: list[int] | None = None,
-    exclude_folds: list[int] | None = None,
-) -> list[dict]:
-    """Records for a MONAI dataset: ``image`` (absolute), ``center_mm``, ``label``, ``report``, ids,
-    ``fold`` and the true ``semantics`` (for zero-shot evaluation).
+    target: Target | None = None,
+    folds: Sequence[int] | None = None,
+    exclude_folds: Sequence[int] | None = None,
+    keys: Sequence[str] = (),
+    optional_keys: Sequence[str] = (),
+    part: str | None = None,
+    validation_fraction: float = 0.2,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Records for a MONAI dataset: ``image`` (absolute), ``case_id``, ``patient_id``, ``fold``,
+    ``center_mm`` when the case has one, the ``target``'s validated fields, every key of ``keys`` (an
+    error when a case lacks it) and of ``optional_keys`` (None when lacking).
 
-    ``report`` is the impression, the part of the report the model trains on. ``folds`` keeps only
-    those folds (validation), ``exclude_folds`` drops them (training).
+    ``folds`` keeps only those folds, ``exclude_folds`` drops them. ``part`` splits what is kept into a
+    patient-grouped, target-stratified inner ``"train"`` / ``"validation"`` pair (nested validation: a
+    checkpoint is chosen on the inner validation part of the training folds, never on the fold that is
+    then reported as out-of-fold).
     """
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {PARTS}, got {part!r}")
     wanted = _fold_filter(folds, exclude_folds)
-    return [
-        {
+    records = []
+    for case in load_manifest(path, (*REQUIRED_CASE_KEYS, *keys)):
+        if not wanted(case["fold"]):
+            continue
+        record: dict[str, Any] = {
             "image": case["image"],
-            "center_mm": [float(v) for v in case["center_mm"]],
-            "label": int(case["label"]),
-            "report": case["impression"],
             "case_id": case["case_id"],
             "patient_id": case["patient_id"],
             "fold": int(case["fold"]),
-            "semantics": dict(case.get("semantics", {})),
         }
-        for case in load_manifest(path)
-        if wanted(case["fold"])
-    ]
+        if case.get("center_mm") is not None:
+            record["center_mm"] = [float(v) for v in case["center_mm"]]
+        if target is not None:
+            record.update(target.parse(case))
+        record.update({key: case[key] for key in keys})
+        record.update({key: case.get(key) for key in optional_keys})
+        records.append(record)
+    if part is None:
+        return records
+    if target is None:
+        raise ValueError("an inner train/validation split is stratified by the target: pass the target")
+    train, validation = inner_split(records, validation_fraction, target=target, seed=seed)
+    return train if part == "train" else validation

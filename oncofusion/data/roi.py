@@ -1,4 +1,4 @@
-"""The lesion region of a :class:`~oncofusion.serving.predictor.Roi` on the image grid, and its size.
+"""The lesion region of a :class:`~oncofusion.contract.Roi` on the image grid, and its size.
 
 A click is a point, so it is widened to a ball of ``radius_mm``; a box and a mask are taken as drawn.
 The region bounds where an explanation is drawn and tells whether the lesion fits the model's crop.
@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from oncofusion.serving.predictor import Roi
+from oncofusion.contract import Roi
 
 
 def roi_region(roi: Roi, shape: Sequence[int], affine: np.ndarray, radius_mm: float = 10.0) -> np.ndarray:
@@ -24,7 +24,7 @@ def roi_region(roi: Roi, shape: Sequence[int], affine: np.ndarray, radius_mm: fl
         hi = np.clip(np.ceil(np.asarray(roi.box[1], float)).astype(int), 0, np.asarray(shape) - 1)
         region[tuple(slice(a, b + 1) for a, b in zip(lo, hi, strict=True))] = True
         return region
-    spacing = np.sqrt((np.asarray(affine, float)[:3, :3] ** 2).sum(axis=0))  # mm per voxel step, per axis
+    spacing = np.sqrt((np.asarray(affine, float)[:-1, :-1] ** 2).sum(axis=0))  # mm per voxel step, per axis
     for point in roi.points:
         point = np.asarray(point, float)
         reach = np.ceil(radius_mm / spacing).astype(int)
@@ -42,5 +42,5 @@ def roi_extent_mm(region: np.ndarray, center_ijk: Sequence[float], affine: np.nd
     points = np.argwhere(region)
     if points.size == 0:
         return 0.0
-    offsets = (points - np.asarray(center_ijk, float)) @ np.asarray(affine, float)[:3, :3].T
+    offsets = (points - np.asarray(center_ijk, float)) @ np.asarray(affine, float)[:-1, :-1].T
     return float(np.sqrt((offsets**2).sum(axis=1)).max())

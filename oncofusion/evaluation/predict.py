@@ -1,37 +1,60 @@
-"""Run a served predictor over a datalist, so evaluation measures exactly what the server answers."""
+"""Run a served predictor over a datalist, so evaluation measures exactly what the server answers.
+
+Each image the predictor declares (``predictor.inputs``) is read from the record's key of the same name
+with the declared reader, the one the server uses; the lesion is the record's ``center_mm`` (world mm),
+put on the primary image as a click.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from oncofusion.serving.predictor import Predictor, Roi
+from oncofusion.contract import Predictor, Roi
+from oncofusion.io.readers import read_image
 from oncofusion.transforms.geometry import world_to_voxel
 
 logger = logging.getLogger(__name__)
 
 
-def predict_datalist(predictor: Predictor, loader: Callable[[dict], dict], datalist: Sequence[dict],
-                     output_file: str | Path | None = None, out_of_fold: bool = False) -> list[dict[str, Any]]:
-    """One prediction per record (``image``, ``center_mm``); ground truth fields are carried along.
+def record_images(predictor: Predictor, record: dict[str, Any]) -> dict[str, Any]:
+    """The record's images, read as the predictor declares them (absent optional inputs are None)."""
+    images = {}
+    for spec in predictor.inputs.images:
+        path = record.get(spec.name)
+        images[spec.name] = read_image(path, spec.reader) if path else None
+    return images
+
+
+def record_roi(predictor: Predictor, record: dict[str, Any], images: dict[str, Any]) -> Roi | None:
+    """The record's lesion centre as a click on the primary image; None for a model without a prompt."""
+    if not predictor.inputs.prompt or record.get("center_mm") is None:
+        return None
+    primary = images[predictor.inputs.primary.name]
+    center = world_to_voxel(primary.affine.numpy(), np.asarray([record["center_mm"]], float))[0]
+    return Roi(points=[tuple(center)])
+
+
+def predict_datalist(predictor: Predictor, datalist: Sequence[dict], output_file: str | Path | None = None,
+                     out_of_fold: bool = False) -> list[dict[str, Any]]:
+    """One prediction per record; every record key but the image paths is carried along (ids, truth).
 
     With ``out_of_fold`` each record is predicted by the model of its own ``fold`` only, i.e. by the
     model that did not train on it.
     """
+    image_keys = {spec.name for spec in predictor.inputs.images}
     rows = []
     for record in tqdm(datalist, desc="predict", leave=False):
-        image = loader({"image": record["image"]})["image"]
-        center_ijk = world_to_voxel(image.affine.numpy(), np.asarray([record["center_mm"]], float))[0]
-        fold = int(record["fold"]) if out_of_fold else None
-        kwargs = {"fold": fold} if fold is not None else {}
-        prediction = predictor.predict(image, Roi(points=[tuple(center_ijk)]), record, **kwargs)
-        truth = {key: record[key] for key in ("case_id", "patient_id", "label", "fold", "semantics") if key in record}
+        images = record_images(predictor, record)
+        kwargs = {"fold": int(record["fold"])} if out_of_fold else {}
+        prediction = predictor.predict(images, record_roi(predictor, record, images), record, **kwargs)
+        truth = {key: value for key, value in record.items() if key not in image_keys}
         rows.append({**truth, **prediction.result})
     if output_file is not None:
         Path(output_file).parent.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,15 @@
-"""Evaluation report of a binary classifier: AUROC/AUPRC with bootstrap CIs, calibration, ROC plot,
-and the zero-shot AUROC of every semantic feature the predictions carry."""
+"""Evaluation report of a binary classifier: AUROC/AUPRC with bootstrap CIs, calibration and ROC plots.
+
+The score is read from each prediction under ``score_key`` (a model's positive-class probability, e.g.
+``malignancy_probability``) and the truth under ``label_key``; a model family adds its own sections
+through ``extra`` (name -> function of the predictions).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,28 +23,25 @@ SYNTHETIC_NOTE = ("Computed on the data named in 'data'. On the bundled SYNTHETI
                   "check the pipeline; they are not clinical performance.")
 
 
-def zero_shot_auroc(predictions: Sequence[dict], feature: str) -> float:
-    """Macro one-vs-rest AUROC of a zero-shot feature against the recorded truth (NaN if not scorable)."""
-    rows = [r for r in predictions if feature in r.get("semantics", {}) and feature in r.get("semantic_features", {})]
-    if not rows:
-        return float("nan")
-    options = list(rows[0]["semantic_features"][feature])
-    scores = []
-    for option in options:
-        truth = np.array([r["semantics"][feature] == option for r in rows], int)
-        if 0 < truth.sum() < truth.size:
-            scores.append(auroc(truth, np.array([r["semantic_features"][feature][option] for r in rows])))
-        if len(options) == 2:  # both one-vs-rest AUROCs of a binary feature are the same number
-            break
-    return float(np.mean(scores)) if scores else float("nan")
+Extra = Mapping[str, Callable[[Sequence[dict]], Any]]
 
 
-def classification_report(predictions: Sequence[dict], data_description: str, num_bootstrap: int = 1000,
-                          seed: int = 0) -> dict[str, Any]:
-    """Discrimination with 95 % CIs, calibration and zero-shot feature AUROCs of ``predictions``."""
-    labels = np.array([int(r["label"]) for r in predictions])
-    scores = np.array([float(r["malignancy_probability"]) for r in predictions])
-    features = sorted({f for r in predictions for f in r.get("semantic_features", {})})
+def labels_and_scores(predictions: Sequence[dict], score_key: str, label_key: str = "label"
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Truth and score arrays; a prediction lacking either is an error naming the case and the key."""
+    for row in predictions:
+        for key in (label_key, score_key):
+            if key not in row:
+                raise ValueError(f"prediction of case {row.get('case_id', '?')} lacks '{key}'")
+    return (np.array([int(r[label_key]) for r in predictions]),
+            np.array([float(r[score_key]) for r in predictions]))
+
+
+def classification_report(predictions: Sequence[dict], data_description: str, score_key: str,
+                          num_bootstrap: int = 1000, seed: int = 0, label_key: str = "label",
+                          extra: Extra | None = None) -> dict[str, Any]:
+    """Discrimination with 95 % CIs and calibration of ``predictions``, plus each ``extra`` section."""
+    labels, scores = labels_and_scores(predictions, score_key, label_key)
     return {
         "data": data_description,
         "note": SYNTHETIC_NOTE,
@@ -48,8 +49,9 @@ def classification_report(predictions: Sequence[dict], data_description: str, nu
         "num_positive": int(labels.sum()),
         "auroc": bootstrap(auroc, labels, scores, num_bootstrap, seed=seed).to_dict(),
         "auprc": bootstrap(auprc, labels, scores, num_bootstrap, seed=seed).to_dict(),
+        "score": score_key,
         "calibration": calibration_curve(labels, scores, num_bins=10),
-        "zero_shot_auroc": {feature: zero_shot_auroc(predictions, feature) for feature in features},
+        **{name: section(predictions) for name, section in (extra or {}).items()},
     }
 
 
@@ -61,8 +63,7 @@ def plot_report(predictions: Sequence[dict], report: dict[str, Any], output_dir:
     import matplotlib.pyplot as plt
 
     output_dir = Path(output_dir)
-    labels = np.array([int(r["label"]) for r in predictions])
-    scores = np.array([float(r["malignancy_probability"]) for r in predictions])
+    labels, scores = labels_and_scores(predictions, report["score"])
     fpr, tpr = roc_curve(labels, scores)
     paths = [output_dir / "roc.png", output_dir / "calibration.png"]
     auc = report["auroc"]
@@ -86,12 +87,12 @@ def plot_report(predictions: Sequence[dict], report: dict[str, Any], output_dir:
     return paths
 
 
-def write_report(predictions: Sequence[dict], output_dir: str | Path, data_description: str,
-                 num_bootstrap: int = 1000) -> dict[str, Any]:
+def write_report(predictions: Sequence[dict], output_dir: str | Path, data_description: str, score_key: str,
+                 num_bootstrap: int = 1000, extra: Extra | None = None) -> dict[str, Any]:
     """``report.json``, ``roc.png`` and ``calibration.png`` in ``output_dir``; returns the report."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    report = classification_report(predictions, data_description, num_bootstrap)
+    report = classification_report(predictions, data_description, score_key, num_bootstrap, extra=extra)
     (output_dir / "report.json").write_text(json.dumps(report, indent=2))
     plot_report(predictions, report, output_dir)
     auc = report["auroc"]

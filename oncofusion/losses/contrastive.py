@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oncofusion.networks.nodule_clip import ContrastiveOutput
+
+@dataclass
+class ContrastiveOutput:
+    """Everything the contrastive + classification loss needs from one training forward pass."""
+
+    image_embedding: torch.Tensor  # (B, E), L2-normalised
+    text_embedding: torch.Tensor  # (B, E), L2-normalised
+    image_logits: torch.Tensor  # (B, num_classes)
+    text_logits: torch.Tensor  # (B, num_classes)
+    logit_scale: torch.Tensor  # scalar, already exponentiated
+    attention: torch.Tensor  # (B, V)
 
 
 def clip_contrastive_loss(

@@ -1,9 +1,13 @@
-"""One MONAI Label infer task per bundle, driven only by the bundle's ``predictor`` contract.
+"""One MONAI Label infer task per bundle, driven only by the bundle's declared ``inputs`` and ``predictor``.
 
 The task is a *deepgrow* model for MONAI Label: 3D Slicer lists only segmentation, detection,
 deepgrow, deepedit and scribbles models, and only deepgrow/deepedit models receive the user's
-clicks. The clicks become a :class:`~oncofusion.serving.predictor.Roi`; the predictor's JSON goes back
-to the client and, when it draws something, a label volume on the image grid.
+clicks. The task's dimension and readers come from the bundle's ``inputs``
+(:class:`~oncofusion.contract.InputSpec`), as stock MONAI Label's bundle task takes them from
+``network_data_format``. The request's image is the primary input; further images (e.g. the slide of
+the same patient) are named by the request's ``images`` parameter, else by the study's sidecar, as
+datastore ids. The clicks become a :class:`~oncofusion.contract.Roi`; the predictor's JSON goes back to
+the client and, when it draws something, a label on the primary image's grid.
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ from monai.bundle import ConfigParser
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from oncofusion.serving.image_cache import ImageCache
-from oncofusion.serving.predictor import InvalidRequest, Prediction, Predictor
-from oncofusion.serving.request import merge_fields, parse_roi, read_sidecar
+from oncofusion.contract import InputSpec, InvalidRequest, Prediction, Predictor
+from oncofusion.io.cache import ImageCache
+from oncofusion.io.readers import read_image
+from oncofusion.serving.request import decode_param, merge_fields, parse_roi, read_sidecar
 
 logger = logging.getLogger(__name__)
 
@@ -77,10 +82,22 @@ def to_jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _affine_4x4(affine: np.ndarray) -> np.ndarray:
+    """A 2D image's 3x3 affine embedded in NIfTI's 4x4 (the third axis: 1 mm, through the origin)."""
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape == (4, 4):
+        return affine
+    dims = affine.shape[0] - 1
+    full = np.eye(4)
+    full[:dims, :dims] = affine[:dims, :dims]
+    full[:dims, 3] = affine[:dims, dims]
+    return full
+
+
 def write_label(label: np.ndarray | torch.Tensor, affine: np.ndarray, shape: tuple[int, ...]) -> str:
-    """Write a label volume on the image grid as NIfTI with the image's affine; return the temp path."""
+    """Write a label on the image grid (2D or 3D) as NIfTI with the image's affine; return the temp path."""
     array = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
-    while array.ndim > 3 and array.shape[0] == 1:
+    while array.ndim > len(shape) and array.shape[0] == 1:
         array = array[0]
     if tuple(array.shape) != tuple(shape):
         raise RuntimeError(
@@ -90,7 +107,7 @@ def write_label(label: np.ndarray | torch.Tensor, affine: np.ndarray, shape: tup
     # NIfTI stores voxels in Fortran order: a Fortran-ordered array is written without a transpose,
     # which on a 512x512x300 label is most of the write time
     array = np.asfortranarray(array.astype(dtype, copy=False))
-    image = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
+    image = nib.Nifti1Image(array, _affine_4x4(affine))
     image.set_qform(image.affine, code=1)
     image.set_sform(image.affine, code=1)
     fd, path = tempfile.mkstemp(suffix=".nii.gz", prefix="oncofusion_label_")
@@ -125,17 +142,19 @@ class BundleInferTask(InferTask):
         self.metadata = load_metadata(self.bundle_dir)
         self.version = str(self.metadata.get("version", ""))
         self.config_path = self.bundle_dir / "configs" / "inference.json"
+        self.device = torch.device(device) if device else default_device()
+        self.inputs = self._read_inputs() if self.config_path.is_file() else InputSpec()
         self.image_cache = image_cache
         self.sidecar_dir = Path(sidecar_dir) if sidecar_dir else None
         self.datastore = datastore
-        self.device = torch.device(device) if device else default_device()
         self.always_label = always_label
         self._predictor: Predictor | None = None
         self._signature: tuple[tuple[str, int, int], ...] = ()
         self._build_error: str | None = None
         self._lock = threading.Lock()
         description = self.metadata.get("description") or self.metadata.get("name", self.name)
-        super().__init__(type=InferType.DEEPGROW, labels=None, dimension=3, description=description)
+        super().__init__(type=InferType.DEEPGROW, labels=None, dimension=self.inputs.dimension,
+                         description=description)
 
     # -- predictor -----------------------------------------------------------------------------------
     @property
@@ -168,15 +187,29 @@ class BundleInferTask(InferTask):
         files = (p for p in models.rglob("*") if p.is_file())
         return tuple(sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files))
 
-    def _build_predictor(self) -> Predictor:
-        start = time.time()
+    def _parser(self) -> ConfigParser:
         parser = ConfigParser()
         parser.read_config(str(self.config_path))
         parser["bundle_root"] = str(self.bundle_dir)
         parser["device"] = self.device
-        predictor = parser.get_parsed_content("predictor")
+        return parser
+
+    def _read_inputs(self) -> InputSpec:
+        """The bundle's declared ``inputs`` (cheap: no weights load), or one 3D image with any prompt."""
+        parser = self._parser()
+        if parser.get("inputs") is None:
+            return InputSpec()
+        inputs = parser.get_parsed_content("inputs")
+        if not isinstance(inputs, InputSpec):
+            raise TypeError(f"{self.config_path}: 'inputs' must be an oncofusion.contract.InputSpec")
+        return inputs
+
+    def _build_predictor(self) -> Predictor:
+        start = time.time()
+        predictor = self._parser().get_parsed_content("predictor")
         if not callable(getattr(predictor, "predict", None)):
-            raise TypeError(f"{self.config_path}: 'predictor' has no predict(image, roi, fields) method")
+            raise TypeError(f"{self.config_path}: 'predictor' has no predict(images, roi, fields) method")
+        self.inputs = getattr(predictor, "inputs", self.inputs)
         labels = getattr(predictor, "label_names", None)
         if labels:
             self.labels = list(labels) if not isinstance(labels, dict) else dict(labels)
@@ -217,15 +250,20 @@ class BundleInferTask(InferTask):
         """Run one prediction; ``request["image"]`` is a path, ``request["image_id"]`` the datastore id."""
         start = time.time()
         image_id = request.get("image_id")
-        image = self.image_cache.get(request["image"])
+        inputs = self.inputs
+        primary = inputs.primary
+        image = self.image_cache.get(request["image"], primary.reader)
+        sidecar = read_sidecar(self.sidecar_dir, image_id)
+        images = {primary.name: image, **self._other_images(request, sidecar)}
         loaded = time.time()
 
-        roi = parse_roi(request, tuple(image.shape[1:]))
+        roi = None
+        if inputs.prompt:
+            roi = parse_roi(request, tuple(image.shape[1:]), lambda path: read_image(path, primary.reader),
+                            inputs.prompt)
         predictor = self.predictor
-        fields = merge_fields(
-            request, read_sidecar(self.sidecar_dir, image_id), getattr(predictor, "config_options", {}) or {}
-        )
-        prediction: Prediction = predictor.predict(image, roi, fields)
+        fields = merge_fields(request, sidecar, getattr(predictor, "config_options", {}) or {})
+        prediction: Prediction = predictor.predict(images, roi, fields)
         predicted = time.time()
 
         label_file = None
@@ -242,7 +280,7 @@ class BundleInferTask(InferTask):
                 "label_names": to_jsonable(dict(prediction.label_names)),
                 "model": self.name,
                 "model_version": self.version,
-                "roi_center_ijk": [round(float(v), 2) for v in roi.center_ijk()],
+                "roi_center_ijk": [round(float(v), 2) for v in roi.center()] if roi is not None else None,
                 "latencies": {
                     "load": round(loaded - start, 3),
                     "predict": round(predicted - loaded, 3),
@@ -259,6 +297,31 @@ class BundleInferTask(InferTask):
             result["latencies"]["load"],
         )
         return label_file, result
+
+    def _other_images(self, request: dict[str, Any], sidecar: dict[str, Any]) -> dict[str, Any]:
+        """The non-primary image inputs: datastore ids from the request's ``images``, else the sidecar's."""
+        requested = decode_param(request.get("images"), "images") or {}
+        recorded = sidecar.get("images") or {}
+        if not isinstance(requested, dict) or not isinstance(recorded, dict):
+            raise InvalidRequest("'images' must map input names to image ids, e.g. {\"slide\": \"patient7_he\"}")
+        known = {spec.name for spec in self.inputs.images[1:]}
+        unknown = sorted(set(requested) - known)
+        if unknown:
+            raise InvalidRequest(f"'images' names unknown input(s) {unknown}; this model reads {sorted(known) or 'no other image'}")
+        images: dict[str, Any] = {}
+        for spec in self.inputs.images[1:]:
+            ref = requested.get(spec.name) or recorded.get(spec.name)
+            images[spec.name] = None if not ref else self.image_cache.get(self._resolve(str(ref), spec.name), spec.reader)
+        return images
+
+    def _resolve(self, ref: str, input_name: str) -> str:
+        """A datastore id -> its file; without a datastore (the command line) the reference is a path."""
+        if self.datastore is None:
+            return ref
+        uri = self.datastore.get_image_uri(ref)
+        if not uri:
+            raise InvalidRequest(f"image '{ref}' for input '{input_name}' is not in the datastore", 404)
+        return uri
 
     def _persist(self, image_id: str | None, result: dict[str, Any]) -> None:
         """Keep every prediction's JSON on its study (stock MONAI Label saves only label files).

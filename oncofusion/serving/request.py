@@ -3,7 +3,7 @@
 What 3D Slicer's MONAI Label plugin sends for a deepgrow model (``MONAILabel.py``, ``onClickDeepgrow``):
 
 - ``foreground``: ``[[i, j, k], ...]`` integer voxel indices of the clicks (RAS -> IJK, rounded);
-- ``background``: the same for negative clicks (passed through to the predictor untouched);
+- ``background``: the same for negative clicks (kept in ``Roi.background`` for models that use them);
 - ``roi``: a box as ``[i0, i1, j0, j1, k0, k1]``, corners mapped RAS -> IJK one by one, so an axis
   flipped by the image orientation arrives with ``i0 > i1``;
 - ``label``: the *name* of the Slicer segment. The ``/infer`` endpoint also stores the path of an
@@ -24,12 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from oncofusion.serving.image_cache import NIFTI_SUFFIXES, read_volume
-from oncofusion.serving.predictor import InvalidRequest, Roi
+from oncofusion.contract import PROMPT_KINDS, InvalidRequest, Roi
+from oncofusion.io.readers import NIFTI_SUFFIXES, read_volume
 
 logger = logging.getLogger(__name__)
 
-Point = tuple[float, float, float]
+Point = tuple[float, ...]
 
 #: request keys that belong to MONAI Label or to the ROI, not to the model
 RESERVED_KEYS = frozenset(
@@ -51,6 +51,8 @@ RESERVED_KEYS = frozenset(
         "output",
         "logging",
         "foreground",
+        "background",
+        "images",
         "roi",
         "label",
     }
@@ -97,47 +99,54 @@ def _is_sequence(value: Any) -> bool:
     return isinstance(value, list | tuple)
 
 
-def parse_points(value: Any, name: str = "foreground") -> list[Point]:
-    """``[[i, j, k], ...]`` or a single ``[i, j, k]`` (also as a JSON string) -> list of points."""
+def _axes(dims: int) -> str:
+    return "(" + ", ".join("ijk"[:dims]) + ")"
+
+
+def parse_points(value: Any, name: str = "foreground", dims: int = 3) -> list[Point]:
+    """``[[i, j(, k)], ...]`` or a single point (also as a JSON string) -> list of ``dims``-D points."""
     value = decode_param(value, name)
     if value is None:
         return []
     if not _is_sequence(value):
-        raise InvalidRequest(f"'{name}' must be a point [i, j, k] or a list of points, got {value!r}")
+        raise InvalidRequest(f"'{name}' must be a point {_axes(dims)} or a list of points, got {value!r}")
     if len(value) and not any(_is_sequence(v) for v in value):
         value = [value]  # a single point
     points: list[Point] = []
     for n, point in enumerate(value):
         where = f"point {n}"
-        if not _is_sequence(point) or len(point) != 3:
-            raise InvalidRequest(f"'{name}' {where} must have 3 coordinates (i, j, k), got {point!r}")
-        x, y, z = (_number(v, name, where) for v in point)
-        points.append((x, y, z))
+        if not _is_sequence(point) or len(point) != dims:
+            raise InvalidRequest(
+                f"'{name}' {where} must have {dims} coordinates {_axes(dims)} on this {dims}D image, got {point!r}"
+            )
+        points.append(tuple(_number(v, name, where) for v in point))
     return points
 
 
-def parse_box(value: Any, name: str = "roi") -> tuple[Point, Point] | None:
-    """A box as ``[[i0, j0, k0], [i1, j1, k1]]`` or Slicer's flat ``[i0, i1, j0, j1, k0, k1]``.
+def parse_box(value: Any, name: str = "roi", dims: int = 3) -> tuple[Point, Point] | None:
+    """A box as two corners ``[[i0, j0(, k0)], [i1, j1(, k1)]]`` or Slicer's flat ``[i0, i1, j0, j1(, k0, k1)]``.
 
     Corners are sorted per axis, because Slicer maps the RAS corners to IJK independently.
     """
     value = decode_param(value, name)
     if value is None or (_is_sequence(value) and len(value) == 0):
         return None
-    usage = f"'{name}' must be [[i0, j0, k0], [i1, j1, k1]] or [i0, i1, j0, j1, k0, k1], got {value!r}"
+    axes = "ijk"[:dims]
+    usage = (f"'{name}' must be [[{', '.join(a + '0' for a in axes)}], [{', '.join(a + '1' for a in axes)}]] or "
+             f"[{', '.join(a + c for a in axes for c in '01')}] on this {dims}D image, got {value!r}")
     if not _is_sequence(value):
         raise InvalidRequest(usage)
-    if len(value) == 2 and all(_is_sequence(c) and len(c) == 3 for c in value):
+    if len(value) == 2 and all(_is_sequence(c) and len(c) == dims for c in value):
         a = [_number(v, name, "corner") for v in value[0]]
         b = [_number(v, name, "corner") for v in value[1]]
-    elif len(value) == 6 and not any(_is_sequence(v) for v in value):
+    elif len(value) == 2 * dims and not any(_is_sequence(v) for v in value):
         flat = [_number(v, name, "box") for v in value]
         a, b = flat[0::2], flat[1::2]
     else:
         raise InvalidRequest(usage)
     lo = tuple(min(x, y) for x, y in zip(a, b, strict=True))
     hi = tuple(max(x, y) for x, y in zip(a, b, strict=True))
-    return lo, hi  # type: ignore[return-value]
+    return lo, hi
 
 
 def check_inside(points: Sequence[Point], shape: Sequence[int]) -> None:
@@ -148,7 +157,7 @@ def check_inside(points: Sequence[Point], shape: Sequence[int]) -> None:
 
 
 def clip_box(box: tuple[Point, Point], shape: Sequence[int]) -> tuple[Point, Point]:
-    """Clip a box to the volume (users draw loose boxes); a box that misses the volume is an error."""
+    """Clip a box to the image (users draw loose boxes); a box that misses the image is an error."""
     lo, hi = box
     if any(h < -0.5 or lo_ > s - 0.5 for lo_, h, s in zip(lo, hi, shape, strict=True)):
         raise InvalidRequest(
@@ -156,31 +165,34 @@ def clip_box(box: tuple[Point, Point], shape: Sequence[int]) -> tuple[Point, Poi
         )
     lo_c = tuple(float(min(max(v, 0), s - 1)) for v, s in zip(lo, shape, strict=True))
     hi_c = tuple(float(min(max(v, 0), s - 1)) for v, s in zip(hi, shape, strict=True))
-    return lo_c, hi_c  # type: ignore[return-value]
+    return lo_c, hi_c
 
 
 def _looks_like_path(value: str) -> bool:
-    return os.sep in value or value.lower().endswith((*NIFTI_SUFFIXES, ".nrrd"))
+    return os.sep in value or value.lower().endswith((*NIFTI_SUFFIXES, ".nrrd", ".png"))
 
 
 def read_mask(
     value: Any, shape: Sequence[int], reader: Callable[..., Any] = read_volume
 ) -> np.ndarray | None:
-    """Read ``label`` as a mask when it is a file; a Slicer segment name is not a mask and gives None."""
+    """Read ``label`` as a mask when it is a file; a Slicer segment name is not a mask and gives None.
+
+    ``reader`` is the primary image's reader: a mask has the image's grid; any channel > 0 is inside.
+    """
     if not isinstance(value, str) or not value:
         return None
     if not os.path.isfile(value):
         if _looks_like_path(value):
             raise InvalidRequest(f"label mask file '{Path(value).name}' not found", 400)
         return None  # the Slicer segment name
-    mask = reader(value, what="label mask")
+    mask = reader(value)
     mask_shape = tuple(mask.shape[1:])
     if mask_shape != tuple(shape):
         raise InvalidRequest(
             f"label mask '{Path(value).name}' has shape {_fmt_shape(mask_shape)} but the image is "
             f"{_fmt_shape(shape)}: send a mask on the image grid"
         )
-    mask_np = (mask[0] > 0).cpu().numpy().astype(np.uint8)
+    mask_np = (mask > 0).any(dim=0).cpu().numpy().astype(np.uint8)
     if not mask_np.any():
         raise InvalidRequest(
             f"label mask '{Path(value).name}' is empty: draw the lesion or send a foreground point"
@@ -189,21 +201,33 @@ def read_mask(
 
 
 def parse_roi(
-    request: Mapping[str, Any], shape: Sequence[int], reader: Callable[..., Any] = read_volume
+    request: Mapping[str, Any], shape: Sequence[int], reader: Callable[..., Any] = read_volume,
+    kinds: Sequence[str] = PROMPT_KINDS,
 ) -> Roi:
-    """Build the :class:`Roi` of a request on an image of spatial ``shape`` (I, J, K), validating every part."""
-    points = parse_points(request.get("foreground"), "foreground")
+    """Build the :class:`Roi` of a request on an image of spatial ``shape``, validating every part.
+
+    ``kinds``: the prompt kinds the model accepts; a prompt of another kind is refused, not ignored.
+    """
+    dims = len(shape)
+    given = {"points": request.get("foreground"), "box": request.get("roi")}
+    refused = [kind for kind, value in given.items() if kind not in kinds and value not in (None, [], "", "[]")]
+    if refused:
+        raise InvalidRequest(f"this model takes no {' or '.join(refused)} prompt; it accepts {', '.join(kinds)}")
+    points = parse_points(request.get("foreground"), "foreground", dims)
     check_inside(points, shape)
-    box = parse_box(request.get("roi"), "roi")
+    background = parse_points(request.get("background"), "background", dims)
+    check_inside(background, shape)
+    box = parse_box(request.get("roi"), "roi", dims)
     if box is not None:
         box = clip_box(box, shape)
-    mask = read_mask(request.get("label"), shape, reader)
+    mask = read_mask(request.get("label"), shape, reader) if "mask" in kinds else None
     if not points and box is None and mask is None:
-        raise InvalidRequest(
-            "no lesion given: send a 'foreground' point [[i, j, k]], an 'roi' box [i0, i1, j0, j1, k0, k1] "
-            "or a 'label' mask file"
-        )
-    return Roi(points=points, box=box, mask=mask)
+        axes = "ijk"[:dims]
+        examples = {"points": f"a 'foreground' point [[{', '.join(axes)}]]",
+                    "box": f"an 'roi' box [{', '.join(a + c for a in axes for c in '01')}]",
+                    "mask": "a 'label' mask file"}
+        raise InvalidRequest("no lesion given: send " + ", ".join(examples[k] for k in kinds if k in examples))
+    return Roi(points=points, box=box, mask=mask, background=background)
 
 
 def request_fields(request: Mapping[str, Any]) -> dict[str, Any]:

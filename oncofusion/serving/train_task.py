@@ -1,13 +1,15 @@
 """Train a bundle from the datastore's studies and their multimodal sidecars.
 
-Stock MONAI Label trains from image + label-mask pairs. Here a training record is a study, the lesion
-position, its class and the text and clinical fields in ``<datastore>/sidecars/<image_id>.json``.
-The records are written as a case manifest (:mod:`oncofusion.data.manifest`), the same file a bundle
-trains from offline, so ``train.json`` reads both the same way.
+Stock MONAI Label trains from image + label-mask pairs. Here a training record is a study, its target
+(as the bundle's ``target`` in ``inference.json`` declares it: a class, or a survival time and event),
+the lesion position when the model takes a prompt, and the text and clinical fields in
+``<datastore>/sidecars/<image_id>.json``. The records are written as a case manifest
+(:mod:`oncofusion.data.manifest`), the same file a bundle trains from offline.
 
 MONAI Label runs ``/train`` in a background subprocess of its own (``monailabel.utils.async_tasks``),
-which re-creates the app and calls this task; the task runs the bundle's ``configs/train.json`` in
-one more subprocess with a time limit, so neither the server nor a stuck run can hang forever.
+which re-creates the app and calls this task; the task runs the bundle's training plan
+(:mod:`oncofusion.training`, the same ``python -m oncofusion.cli train`` a researcher runs) in one more
+subprocess with a time limit, so neither the server nor a stuck run can hang forever.
 """
 
 from __future__ import annotations
@@ -24,13 +26,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from monai.bundle import ConfigParser
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
-from oncofusion.serving.image_cache import image_affine
+from oncofusion.contract import InputSpec, InvalidRequest
+from oncofusion.data.folds import assign_missing_folds
+from oncofusion.io.readers import image_affine
 from oncofusion.serving.infer_task import load_metadata
-from oncofusion.serving.predictor import InvalidRequest
 from oncofusion.serving.request import parse_box, parse_points, read_sidecar
+from oncofusion.targets import Target
 
 logger = logging.getLogger(__name__)
 
@@ -49,39 +54,13 @@ def sidecar_center_ijk(sidecar: dict[str, Any]) -> np.ndarray | None:
     return np.asarray(points, float).mean(axis=0) if points else None
 
 
-def _label_key(label: Any) -> str:
-    return json.dumps(label, sort_keys=True)
-
-
-def assign_folds(records: list[dict[str, Any]], num_folds: int) -> None:
-    """Give every record without a ``fold`` a patient-level one, in place, balanced by label.
-
-    All studies of a patient share a fold (no patient on both sides of a split); patients are dealt
-    round-robin within each label, in a fixed order, so a re-run builds the same folds.
-    """
-    pending: dict[str, list[dict[str, Any]]] = {}
-    for record in records:
-        if record.get("fold") is None:
-            pending.setdefault(str(record["patient_id"]), []).append(record)
-    by_label: dict[str, list[str]] = {}
-    for patient, cases in sorted(pending.items()):
-        majority = Counter(_label_key(c["label"]) for c in cases).most_common(1)[0][0]
-        by_label.setdefault(majority, []).append(patient)
-    dealt = 0
-    for label in sorted(by_label):
-        for patient in by_label[label]:
-            for case in pending[patient]:
-                case["fold"] = dealt % max(num_folds, 1)
-            dealt += 1
-
-
 class BundleTrainTask(TrainTask):
-    """Build a multimodal datalist and run ``python -m monai.bundle run`` on the bundle's train config.
+    """Build a multimodal datalist and run the bundle's training plan on it.
 
-    The bundle's ``train.json`` must accept the overrides ``datalist_file``, ``max_epochs`` and
+    The bundle's train configs must accept the overrides ``datalist_file``, ``max_epochs`` and
     ``output_dir``; the datalist file is a manifest ``{"description", "num_folds", "cases": [...]}``
-    whose cases carry ``image`` (absolute), ``center_mm``, ``center_ijk``, ``label``, ``report``,
-    ``impression``, ``case_id``, ``patient_id``, ``fold`` and every other sidecar field.
+    whose cases carry ``image`` (absolute), ``case_id``, ``patient_id``, ``fold``, the target's fields,
+    ``center_ijk``/``center_mm`` when the study records a lesion, and every other sidecar field.
     """
 
     def __init__(
@@ -97,14 +76,24 @@ class BundleTrainTask(TrainTask):
         self.bundle_dir = Path(bundle_dir).resolve()
         self.name = name or self.bundle_dir.name
         self.config_path = self.bundle_dir / "configs" / "train.json"
-        self.metadata_path = self.bundle_dir / "configs" / "metadata.json"
         self.metadata = load_metadata(self.bundle_dir)
+        self.target, self.inputs = self._read_contract()
         self.sidecar_dir = Path(sidecar_dir)
         self.runs_dir = Path(runs_dir)
         self.max_epochs = int(max_epochs)
         self.timeout_s = float(timeout_s)
         self.num_folds = int(num_folds)
         super().__init__(self.metadata.get("description") or self.name)
+
+    def _read_contract(self) -> tuple[Target, InputSpec]:
+        """The target and inputs ``inference.json`` declares: what a record needs to be trainable."""
+        parser = ConfigParser()
+        parser.read_config(str(self.bundle_dir / "configs" / "inference.json"))
+        parser["bundle_root"] = str(self.bundle_dir)
+        if parser.get("target") is None:
+            raise ValueError(f"{self.bundle_dir.name}: configs/inference.json declares no 'target'")
+        inputs = parser.get_parsed_content("inputs") if parser.get("inputs") is not None else InputSpec()
+        return parser.get_parsed_content("target"), inputs
 
     # -- MONAI Label interface -----------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -145,19 +134,17 @@ class BundleTrainTask(TrainTask):
         datalist_file.write_text(json.dumps(manifest, indent=2))
 
         cmd = [
-            sys.executable, "-m", "monai.bundle", "run",
-            "--config_file", str(self.config_path),
-            "--meta_file", str(self.metadata_path),
-            "--bundle_root", str(self.bundle_dir),
-            "--datalist_file", str(datalist_file),
-            "--max_epochs", str(max_epochs),
-            "--output_dir", str(run_dir),
+            sys.executable, "-m", "oncofusion.cli", "train",
+            "--bundle", str(self.bundle_dir),
+            "--datalist-file", str(datalist_file),
+            "--max-epochs", str(max_epochs),
+            "--output-dir", str(run_dir),
         ]  # fmt: skip
         status = {
             "model": self.name,
             "run_dir": str(run_dir),
             "records": len(records),
-            "classes": dict(Counter(_label_key(r["label"]) for r in records)),
+            "strata": {str(k): n for k, n in Counter(self.target.stratum(r) for r in records).items()},
             "max_epochs": max_epochs,
             "status": "RUNNING",
             "start_ts": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -185,8 +172,23 @@ class BundleTrainTask(TrainTask):
         return status
 
     # -- datalist ------------------------------------------------------------------------------------
+    def _lesion(self, image_id: str, sidecar: dict[str, Any], image: str, with_world: bool) -> dict[str, Any] | None:
+        """``center_ijk`` (and ``center_mm``) of the recorded lesion; None when the sidecar records none."""
+        try:
+            center_ijk = sidecar_center_ijk(sidecar)
+        except InvalidRequest as e:
+            raise InvalidRequest(f"sidecar of '{image_id}': {e}") from e
+        if center_ijk is None:
+            return None
+        lesion = {"center_ijk": [float(v) for v in center_ijk]}
+        if with_world:
+            # recomputed even when the sidecar has one: the image on disk is the reference
+            affine = image_affine(image)
+            lesion["center_mm"] = [float(v) for v in (affine @ np.append(center_ijk, 1.0))[:3]]
+        return lesion
+
     def records(self, datastore: Datastore, with_world: bool = True) -> list[dict[str, Any]]:
-        """One record per study whose sidecar has a ``label`` and a lesion position.
+        """One record per study whose sidecar holds the target (and a lesion position, for a prompted model).
 
         ``with_world`` adds ``center_mm`` (image affine applied to ``center_ijk``, MONAI's RAS world), which
         reads each image header; the quick pre-check of a train request skips it.
@@ -194,51 +196,46 @@ class BundleTrainTask(TrainTask):
         records: list[dict[str, Any]] = []
         for image_id in sorted(datastore.list_images()):
             sidecar = read_sidecar(self.sidecar_dir, image_id)
-            if sidecar.get("label") is None:
-                continue
+            if any(sidecar.get(key) is None for key in self.target.keys):
+                continue  # not labelled
             try:
-                center_ijk = sidecar_center_ijk(sidecar)
-            except InvalidRequest as e:
+                truth = self.target.parse({"case_id": image_id, **sidecar})
+            except ValueError as e:
                 raise InvalidRequest(f"sidecar of '{image_id}': {e}") from e
-            if center_ijk is None:
-                logger.warning("%s: sidecar has a label but no center_ijk/roi; skipped", image_id)
-                continue
-            record = {k: v for k, v in sidecar.items() if k not in ("roi", "foreground")}
             image = datastore.get_image_uri(image_id)
-            report = sidecar.get("report", "")
-            record.update(
-                {
-                    "image": image,
-                    "center_ijk": [float(v) for v in center_ijk],
-                    "label": sidecar["label"],
-                    "report": report,
-                    "impression": sidecar.get("impression", report),
-                    "case_id": sidecar.get("case_id", image_id),
-                    "patient_id": sidecar.get("patient_id", sidecar.get("case_id", image_id)),
-                }
-            )
-            if with_world:
-                # recomputed even when the sidecar has one: the image on disk is the reference
-                affine = image_affine(image)
-                record["center_mm"] = [float(v) for v in (affine @ np.append(center_ijk, 1.0))[:3]]
+            record = {k: v for k, v in sidecar.items() if k not in ("roi", "foreground")}
+            lesion = self._lesion(image_id, sidecar, image, with_world)
+            if lesion is None and self.inputs.prompt:
+                logger.warning("%s: sidecar has a target but no center_ijk/roi; skipped", image_id)
+                continue
+            record.update({
+                "image": image,
+                **truth,
+                **(lesion or {}),
+                "case_id": sidecar.get("case_id", image_id),
+                "patient_id": sidecar.get("patient_id", sidecar.get("case_id", image_id)),
+            })
             records.append(record)
-        assign_folds(records, self.num_folds)
-        return records
+        try:
+            return assign_missing_folds(records, self.num_folds, self.target)
+        except ValueError as e:
+            raise InvalidRequest(f"cannot assign folds for {self.name}: {e}") from e
 
     def check(self, datastore: Datastore, with_world: bool = False) -> list[dict[str, Any]]:
-        """Refuse to train on fewer than two labelled studies or on a single class."""
+        """Refuse to train on fewer than two labelled studies or on a single stratum (class, or event)."""
         records = self.records(datastore, with_world=with_world)
+        needed = ", ".join(f"'{k}'" for k in self.target.keys) + (" and 'center_ijk'" if self.inputs.prompt else "")
         if len(records) < 2:
             raise InvalidRequest(
                 f"cannot train {self.name}: {len(records)} labelled studies found, at least 2 are needed; add "
-                f"'label' and 'center_ijk' to {self.sidecar_dir}/<image_id>.json",
+                f"{needed} to {self.sidecar_dir}/<image_id>.json",
                 422,
             )
-        classes = Counter(_label_key(r["label"]) for r in records)
-        if len(classes) < 2:
+        strata = Counter(self.target.stratum(r) for r in records)
+        if len(strata) < 2:
             raise InvalidRequest(
-                f"cannot train {self.name}: all {len(records)} labelled studies have label {next(iter(classes))}; "
-                "at least 2 classes are needed",
+                f"cannot train {self.name}: all {len(records)} labelled studies fall in one {self.target.kind} "
+                f"stratum ({next(iter(strata))}); at least 2 are needed",
                 422,
             )
         return records

@@ -1,7 +1,6 @@
-"""MONAI dictionary transforms used by the bundles' configs."""
+"""Generic MONAI dictionary transforms used by the bundles' configs (model-specific ones live with
+their model under :mod:`oncofusion.models`)."""
 
 from oncofusion.transforms.geometry import ResampleCube, ResampleCubed
-from oncofusion.transforms.nine_views import NineViewsd, extract_nine_views
-from oncofusion.transforms.text import RandReportAugmentd
 
-__all__ = ["NineViewsd", "RandReportAugmentd", "ResampleCube", "ResampleCubed", "extract_nine_views"]
+__all__ = ["ResampleCube", "ResampleCubed"]

@@ -9,8 +9,8 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
+from oncofusion.contract import InvalidRequest
 from oncofusion.data.clinical import ClinicalSchema
-from oncofusion.serving.predictor import InvalidRequest
 
 
 class ClinicalVectord(MapTransform):

@@ -21,16 +21,18 @@ _LPS_SIGNS = np.array([-1.0, -1.0, 1.0])
 
 
 def world_to_voxel(affine: np.ndarray, points_mm: np.ndarray) -> np.ndarray:
-    """Map (N, 3) world (RAS) points to continuous voxel indices of an image with ``affine``."""
+    """Map (N, D) world (RAS) points to continuous voxel indices of an image with the (D+1)^2 ``affine``."""
     inverse = np.linalg.inv(np.asarray(affine, dtype=np.float64))
-    homogeneous = np.concatenate([points_mm, np.ones((len(points_mm), 1))], axis=1)
-    return (homogeneous @ inverse.T)[:, :3]
+    dims = inverse.shape[0] - 1
+    homogeneous = np.concatenate([np.asarray(points_mm, float), np.ones((len(points_mm), 1))], axis=1)
+    return (homogeneous @ inverse.T)[:, :dims]
 
 
 def voxel_to_world(affine: np.ndarray, points_ijk: np.ndarray) -> np.ndarray:
-    """Map (N, 3) voxel indices to world (RAS) millimetres."""
+    """Map (N, D) voxel indices to world millimetres through the (D+1)^2 ``affine`` (D = 2 or 3)."""
+    affine = np.asarray(affine, dtype=np.float64)
     homogeneous = np.concatenate([np.asarray(points_ijk, float), np.ones((len(points_ijk), 1))], axis=1)
-    return (homogeneous @ np.asarray(affine, dtype=np.float64).T)[:, :3]
+    return (homogeneous @ affine.T)[:, : affine.shape[0] - 1]
 
 
 def cube_affine(center_mm: Sequence[float], size: int, spacing: float) -> np.ndarray:

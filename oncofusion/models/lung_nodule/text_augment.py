@@ -8,14 +8,14 @@ import numpy as np
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, RandomizableTransform
 
-from oncofusion.text.reports import crop_words, swap_synonyms
+from oncofusion.models.lung_nodule.reports import crop_words, swap_synonyms
 
 
 class RandReportAugmentd(RandomizableTransform, MapTransform):
     """Randomly swap synonyms and crop a few words of report strings (the authors' text augmentation).
 
     ``prob`` is the probability of each of the two operations, drawn independently per call, as in
-    :func:`oncofusion.text.reports.augment_report`. All randomness comes from ``self.R``, so
+    :func:`oncofusion.models.lung_nodule.reports.augment_report`. All randomness comes from ``self.R``, so
     ``set_random_state(seed)`` makes the output reproducible.
 
     Args:

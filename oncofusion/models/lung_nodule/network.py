@@ -10,25 +10,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from oncofusion.losses.contrastive import ContrastiveOutput
 from oncofusion.networks.blocks import AttentionPool, ProjectionHead
-
-
-@dataclass
-class ContrastiveOutput:
-    """Everything the contrastive + classification loss needs from one training forward pass."""
-
-    image_embedding: torch.Tensor  # (B, E), L2-normalised
-    text_embedding: torch.Tensor  # (B, E), L2-normalised
-    image_logits: torch.Tensor  # (B, num_classes)
-    text_logits: torch.Tensor  # (B, num_classes)
-    logit_scale: torch.Tensor  # scalar, already exponentiated
-    attention: torch.Tensor  # (B, V)
 
 
 class NoduleCLIP(nn.Module):

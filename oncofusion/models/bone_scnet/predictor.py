@@ -13,21 +13,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from oncofusion.contract import InputSpec, InvalidRequest
 from oncofusion.data.clinical import ClinicalSchema
 from oncofusion.data.roi import roi_extent_mm, roi_region
+from oncofusion.ensemble import Ensemble
 from oncofusion.explain.attribution import field_contributions, integrated_gradients
 from oncofusion.explain.gradcam import gradcam_map, heat_levels
-from oncofusion.predictors.folds import FoldEnsemble
-from oncofusion.serving.predictor import InvalidRequest, Prediction, Roi
+from oncofusion.predictor import Context, PredictorTemplate
 from oncofusion.transforms.cube_to_image import cube_to_image
-from oncofusion.transforms.geometry import voxel_to_world
 
 logger = logging.getLogger(__name__)
 
 RADIUS_OPTION = "radius_mm"
 
 
-class SCNetPredictor:
+class SCNetPredictor(PredictorTemplate):
     """Image + ROI (+ clinical fields) -> probabilities, heatmap label and clinical contributions.
 
     ``preprocessing`` turns ``{"image", "center_mm"}`` into the network's CT patch; ``schema`` validates and
@@ -37,9 +37,10 @@ class SCNetPredictor:
 
     def __init__(
         self,
-        ensemble: FoldEnsemble,
+        ensemble: Ensemble,
         preprocessing: Callable[[dict], dict],
         schema: ClinicalSchema,
+        inputs: InputSpec | None = None,
         class_names: Sequence[str] = ("chondroid", "osteoid"),
         positive_class: int = 1,
         crop_size_mm: float = 40.0,
@@ -52,11 +53,10 @@ class SCNetPredictor:
         model_version: str = "",
         device: torch.device | str = "cpu",
     ):
-        self.ensemble = ensemble
+        super().__init__(ensemble, inputs or InputSpec(fields=schema), class_names, positive_class,
+                         model_version=model_version, device=device)
         self.preprocessing = preprocessing
         self.schema = schema
-        self.class_names = list(class_names)
-        self.positive_class = int(positive_class)
         self.crop_size_mm = float(crop_size_mm)
         self.cam_layer = cam_layer
         self.cam_thresholds = tuple(sorted(float(t) for t in cam_thresholds))
@@ -64,13 +64,10 @@ class SCNetPredictor:
         self.integration_steps = int(integration_steps)
         self.summary_fields = int(summary_fields)
         self.explain = bool(explain)
-        self.model_version = model_version
-        self.device = torch.device(device)
         self.fusion = bool(getattr(ensemble.models[0], "fusion", False))
         self.variant = "SC-Net (CT + clinical)" if self.fusion else "S-Net (CT only)"
         options: dict[str, Any] = self.schema.config_options() if self.fusion else {}
         self.config_options: dict[str, Any] = {**options, RADIUS_OPTION: self.click_radius_mm}
-        self.score_key = f"{self.class_names[self.positive_class]}_probability"
 
     # -- inputs ---------------------------------------------------------------------------------------
     def clinical_values(self, fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -89,68 +86,65 @@ class SCNetPredictor:
             raise InvalidRequest(f"{RADIUS_OPTION} {radius:g} is outside 0-{self.crop_size_mm:g} mm (the crop size)")
         return radius
 
-    def inputs(self, image: torch.Tensor, center_mm: np.ndarray, values: Mapping[str, Any]
-               ) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray]:
-        """Network inputs: CT patch ``(1, 1, N, N, N)``, clinical vector ``(1, F)`` or None, and the patch affine."""
+    def patch(self, image: torch.Tensor, center_mm: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """The CT patch ``(1, 1, N, N, N)`` around ``center_mm`` and its affine."""
         patch = self.preprocessing({"image": image, "center_mm": np.asarray(center_mm, float)})["image"]
         affine = patch.affine.numpy() if hasattr(patch, "affine") else np.eye(4)
-        patch = torch.as_tensor(patch, dtype=torch.float32)[None].to(self.device)
-        clinical = None
-        if self.fusion:
-            clinical = torch.from_numpy(self.schema.encode(values))[None].to(self.device)
-        return patch, clinical, affine
+        return torch.as_tensor(patch, dtype=torch.float32)[None].to(self.device), affine
+
+    def model_inputs(self, context: Context) -> tuple[torch.Tensor, ...]:
+        """The CT patch, and the clinical vector ``(1, F)`` for the fused network."""
+        image = context.images[self.inputs.primary.name]
+        patch, context.extras["patch_affine"] = self.patch(image, context.center_mm)
+        if not self.fusion:
+            return (patch,)
+        values = self.clinical_values(context.fields)
+        return patch, torch.from_numpy(self.schema.encode(values))[None].to(self.device)
 
     # -- prediction -----------------------------------------------------------------------------------
-    def predict(self, image: torch.Tensor, roi: Roi, fields: Mapping[str, Any], fold: int | None = None) -> Prediction:
-        """Predict for the tumor at ``roi``; ``fold`` picks one fold's model (out-of-fold evaluation)."""
+    def result(self, output: torch.Tensor, model_inputs: Sequence[Any], context: Context) -> dict[str, Any]:
+        image = context.images[self.inputs.primary.name]
         shape = tuple(int(s) for s in image.shape[1:])
-        center_ijk = roi.center_ijk()
-        if not np.all((center_ijk >= 0) & (center_ijk <= np.asarray(shape) - 1)):
-            raise InvalidRequest(f"lesion centre {tuple(np.round(center_ijk, 1))} lies outside image "
-                                 f"{'x'.join(map(str, shape))}")
-        values = self.clinical_values(fields)
-        radius = self._radius(fields)
         affine = image.affine.numpy() if hasattr(image, "affine") else np.eye(4)
-        center_mm = voxel_to_world(affine, center_ijk[None])[0]
-        patch, clinical, patch_affine = self.inputs(image, center_mm, values)
-        members = self.ensemble.members(fold)
-        args = (patch,) if clinical is None else (patch, clinical)
-        with torch.no_grad():
-            fold_probabilities = torch.stack([torch.softmax(m(*args), dim=-1)[0] for m in members]).cpu().numpy()
-        probabilities = fold_probabilities.mean(0)
-        predicted = int(np.argmax(probabilities))
-        region = roi_region(roi, shape, affine, radius)
-        extent = roi_extent_mm(region, center_ijk, affine)
-        result: dict[str, Any] = {
-            "prediction": self.class_names[predicted],
-            self.score_key: float(probabilities[self.positive_class]),
-            "class_probabilities": dict(zip(self.class_names, map(float, probabilities), strict=True)),
-            "fold_probabilities": [float(p[self.positive_class]) for p in fold_probabilities],
+        region = context.extras["region"] = roi_region(context.roi, shape, affine, self._radius(context.fields))
+        extent = roi_extent_mm(region, context.center_index, affine)
+        result = self.class_result(output)
+        result.update({
             "model_variant": self.variant,
-            "clinical_fields": dict(values),
-            "center_ijk": [float(c) for c in center_ijk],
-            "center_mm": [float(c) for c in center_mm],
+            "clinical_fields": dict(self.clinical_values(context.fields)),
+            "center_ijk": [float(c) for c in context.center_index],
+            "center_mm": [float(c) for c in context.center_mm],
             "crop_size_mm": self.crop_size_mm,
             "roi_extent_mm": round(extent, 2),
             "roi_exceeds_crop": bool(extent > self.crop_size_mm / 2.0),
-            "model_version": self.model_version,
-        }
+        })
+        return result
+
+    def draw(self, result: dict[str, Any], output: torch.Tensor, model_inputs: Sequence[Any],
+             context: Context) -> tuple[np.ndarray | None, dict[str, int]]:
+        """Clinical contributions (fused model) and the Grad-CAM heatmap inside the ROI."""
         if not self.explain:
-            return Prediction(result=result, label=None, label_names={})
+            return None, {}
+        image = context.images[self.inputs.primary.name]
+        shape = tuple(int(s) for s in image.shape[1:])
+        affine = image.affine.numpy() if hasattr(image, "affine") else np.eye(4)
+        members = self.ensemble.members(context.fold)
+        patch = model_inputs[0]
+        predicted = self.class_names.index(result["prediction"])
         if self.fusion:
-            result["clinical_contributions"] = self.contributions(members, patch, clinical, values)
+            result["clinical_contributions"] = self.contributions(members, patch, model_inputs[1],
+                                                                  result["clinical_fields"])
             result["clinical_contribution_method"] = (
                 f"integrated gradients ({self.integration_steps} steps) of the {self.class_names[self.positive_class]} "
                 "log-odds over the clinical vector, from the all-missing encoding, mean over fold models")
         heat = gradcam_map(members, patch, self.cam_layer, predicted,
-                           **({"clinical": clinical} if clinical is not None else {}))
-        label, label_names = self._heatmap_label(heat, patch_affine, affine, shape, region, result)
+                           **({"clinical": model_inputs[1]} if self.fusion else {}))
         result["heatmap"] = {
             "method": f"Grad-CAM at {self.cam_layer} for class {self.class_names[predicted]}, mean over fold models",
             "levels": {str(level + 1): f">= {t:g}" for level, t in enumerate(self.cam_thresholds)},
             "label_meaning": "Grad-CAM levels inside the ROI on the image grid (highest = the summary segment)",
         }
-        return Prediction(result=result, label=label, label_names=label_names)
+        return self._heatmap_label(heat, context.extras["patch_affine"], affine, shape, context.extras["region"], result)
 
     def contributions(self, members: Sequence[torch.nn.Module], patch: torch.Tensor, clinical: torch.Tensor,
                       values: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -181,7 +175,7 @@ class SCNetPredictor:
         """
         on_image = cube_to_image(heat, patch_affine, affine, shape, order=1)
         levels = np.where(region, heat_levels(on_image, self.cam_thresholds), 0).astype(np.uint8)
-        summary = self.summary(result)
+        summary = self.summarize(result)
         top = len(self.cam_thresholds)
         if not (levels == top).any():
             return region.astype(np.uint8), {summary: 1}
@@ -190,7 +184,7 @@ class SCNetPredictor:
             names[f"Grad-CAM >= {self.cam_thresholds[level - 1]:g}"] = level
         return levels, names
 
-    def summary(self, result: Mapping[str, Any]) -> str:
+    def summarize(self, result: Mapping[str, Any]) -> str:
         """One line for Slicer's segment name, e.g. ``osteoid 0.78 (age 14, metaphysis)``."""
         predicted = result["prediction"]
         text = f"{predicted} {result['class_probabilities'][predicted]:.2f}"

@@ -1,0 +1,137 @@
+"""One predictor skeleton for every model family: locate -> inputs -> forward -> result -> draw.
+
+A model family subclasses :class:`PredictorTemplate` and writes only what is its own:
+
+- :meth:`~PredictorTemplate.model_inputs`: the network inputs from the images, the lesion and the fields;
+- :meth:`~PredictorTemplate.result`: the JSON from the ensemble's output;
+- :meth:`~PredictorTemplate.draw`: the label drawn on the primary image (e.g. a heatmap), if any;
+- :meth:`~PredictorTemplate.summarize`: the one-line summary a viewer shows as the segment name.
+
+Locating the lesion (the prompt checked against the image) and running the ensemble are shared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from oncofusion.contract import InputSpec, InvalidRequest, Prediction, Roi
+from oncofusion.ensemble import Ensemble
+from oncofusion.transforms.geometry import voxel_to_world
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return "x".join(str(int(s)) for s in shape)
+
+
+@dataclass
+class Context:
+    """What one prediction knows before the model runs."""
+
+    images: Mapping[str, Any]
+    roi: Roi | None
+    fields: Mapping[str, Any]
+    fold: int | None
+    center_index: np.ndarray | None = None  # lesion centre in the primary image's index space
+    center_mm: np.ndarray | None = None  # the same in world millimetres
+    extras: dict[str, Any] = field(default_factory=dict)  # what one hook computes for a later one
+
+
+class PredictorTemplate:
+    """Images + prompt + fields -> :class:`~oncofusion.contract.Prediction`, through a fold ensemble.
+
+    ``class_names``: output classes (empty for a risk model); ``positive_class`` is the class whose
+    probability is the score, reported under ``score_key`` (default ``<class>_probability``);
+    ``model_version`` is echoed in every result. ``fold`` in :meth:`predict` restricts the ensemble to
+    that fold's model (out-of-fold evaluation).
+    """
+
+    #: typed options shown in ``/info``; subclasses set it per instance when it depends on config
+    config_options: dict[str, Any] = {}
+
+    def __init__(self, ensemble: Ensemble, inputs: InputSpec | None = None, class_names: Sequence[str] = (),
+                 positive_class: int = -1, score_key: str | None = None, model_version: str = "",
+                 device: torch.device | str = "cpu"):
+        self.ensemble = ensemble
+        self.inputs = inputs or InputSpec()
+        self.class_names = list(class_names)
+        self.positive_class = positive_class % len(self.class_names) if self.class_names else None
+        default_key = f"{self.class_names[self.positive_class]}_probability" if self.class_names else "risk"
+        self.score_key = score_key or default_key
+        self.model_version = model_version
+        self.device = torch.device(device)
+
+    # -- the skeleton -------------------------------------------------------------------------------
+    def predict(self, images: Mapping[str, Any], roi: Roi | None, fields: Mapping[str, Any],
+                fold: int | None = None) -> Prediction:
+        context = self.locate(images, roi, fields, fold)
+        model_inputs = self.model_inputs(context)
+        output = self.forward(model_inputs, context)
+        result = self.result(output, model_inputs, context)
+        result["model_version"] = self.model_version
+        label, label_names = self.draw(result, output, model_inputs, context)
+        return Prediction(result=result, label=label, label_names=label_names)
+
+    def locate(self, images: Mapping[str, Any], roi: Roi | None, fields: Mapping[str, Any],
+               fold: int | None) -> Context:
+        """Check the images the model needs and put the lesion centre on the primary image."""
+        missing = [i.name for i in self.inputs.images if i.required and images.get(i.name) is None]
+        if missing:
+            raise InvalidRequest(f"missing image input(s) {', '.join(missing)}: send them with the request "
+                                 "or record them in the study's sidecar", 400)
+        context = Context(images=images, roi=roi, fields=fields, fold=fold)
+        if not self.inputs.prompt:
+            return context
+        if roi is None:
+            raise InvalidRequest("no lesion given: send a 'foreground' point, an 'roi' box or a label mask")
+        primary = images[self.inputs.primary.name]
+        shape = np.asarray(primary.shape[1:])
+        center = roi.center()
+        if center.shape != shape.shape:
+            raise InvalidRequest(f"lesion position has {center.size} coordinates but the image is {shape.size}D")
+        if not np.all((center >= 0) & (center <= shape - 1)):
+            raise InvalidRequest(f"lesion centre {tuple(np.round(center, 1))} lies outside image {_shape_text(shape)}")
+        affine = primary.affine.numpy() if hasattr(primary, "affine") else np.eye(shape.size + 1)
+        context.center_index = center
+        context.center_mm = voxel_to_world(affine, center[None])[0]
+        return context
+
+    def forward(self, model_inputs: Sequence[Any], context: Context) -> torch.Tensor:
+        """Each chosen fold member's output after the ensemble's aggregation transform, ``(M, B, ...)``."""
+        return self.ensemble.member_outputs(*model_inputs, fold=context.fold)
+
+    # -- hooks --------------------------------------------------------------------------------------
+    def model_inputs(self, context: Context) -> tuple[Any, ...]:
+        raise NotImplementedError
+
+    def result(self, output: torch.Tensor, model_inputs: Sequence[Any], context: Context) -> dict[str, Any]:
+        """Default: class probabilities (mean over members) and the predicted class."""
+        return self.class_result(output)
+
+    def draw(self, result: dict[str, Any], output: Any, model_inputs: Sequence[Any],
+             context: Context) -> tuple[np.ndarray | None, dict[str, int]]:
+        """Default: nothing drawn."""
+        return None, {}
+
+    def summarize(self, result: Mapping[str, Any]) -> str:
+        predicted = result.get("prediction")
+        if predicted is None:
+            return ""
+        return f"{predicted} {result['class_probabilities'][predicted]:.2f}"
+
+    # -- shared pieces ------------------------------------------------------------------------------
+    def class_result(self, member_probabilities: torch.Tensor) -> dict[str, Any]:
+        """``(M, 1, C)`` member probabilities -> the predicted class, the score (positive-class probability,
+        mean over members), every class's probability and each member's score."""
+        per_member = member_probabilities[:, 0].cpu().numpy()
+        probabilities = per_member.mean(0)
+        return {
+            "prediction": self.class_names[int(np.argmax(probabilities))],
+            self.score_key: float(probabilities[self.positive_class]),
+            "class_probabilities": dict(zip(self.class_names, map(float, probabilities), strict=True)),
+            "fold_probabilities": [float(p[self.positive_class]) for p in per_member],
+        }
