@@ -108,7 +108,9 @@ class ImageCache:
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, loader: Callable[..., Any] = read_image):
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, np.integer)) or max_bytes < 0:
-            raise ValueError(f"image cache max_bytes must be an integer >= 0 (0 disables caching), got {max_bytes!r}")
+            raise ValueError(
+                f"image cache max_bytes must be an integer >= 0 (0 disables caching), got {max_bytes!r}"
+            )
         self.max_bytes = int(max_bytes)
         self._loader = loader
         self._items: OrderedDict[Key, _Entry] = OrderedDict()
@@ -149,7 +151,9 @@ class ImageCache:
             frozen = tuple(sorted(options.items()))
             hash(frozen)
         except TypeError as e:
-            raise ValueError(f"image reader options must be hashable to key the cache, got {options!r}") from e
+            raise ValueError(
+                f"image reader options must be hashable to key the cache, got {options!r}"
+            ) from e
         signature = file_signature(path)
         key: Key = (signature[0], kind, frozen)
         with self._lock:
@@ -195,7 +199,12 @@ class ImageCache:
             pending.done.set()
         logger.debug(
             "decoded %s (%s, %.1f MiB, %s); %d cached, %.1f MiB",
-            Path(path).name, kind, size / 2**20, "cached" if stored else "not cached", len(self), self._nbytes / 2**20,
+            Path(path).name,
+            kind,
+            size / 2**20,
+            "cached" if stored else "not cached",
+            len(self),
+            self._nbytes / 2**20,
         )
         return _private_copy(value) if stored or shared else value
 

@@ -64,7 +64,9 @@ def _load(folder: Path, what: str, headers_only: bool) -> list[tuple[Path, Datas
             continue
         items.append((file, ds))
     if not items:
-        raise InvalidRequest(f"{what} '{folder.name}' holds no DICOM image files: send a DICOM series folder", 415)
+        raise InvalidRequest(
+            f"{what} '{folder.name}' holds no DICOM image files: send a DICOM series folder", 415
+        )
     return items
 
 
@@ -84,7 +86,8 @@ def _check_one_series(items: Sequence[tuple[Path, Dataset]], what: str, folder: 
             )
         if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
             raise InvalidRequest(
-                f"{what} '{folder}': '{file.name}' is a colour image; a 3D volume needs grey-scale slices", 422
+                f"{what} '{folder}': '{file.name}' is a colour image; a 3D volume needs grey-scale slices",
+                422,
             )
     sizes = {(int(ds.Rows), int(ds.Columns)) for _, ds in items}
     if len(sizes) > 1:
@@ -192,5 +195,6 @@ def read_series(folder: str | os.PathLike, what: str = "image") -> tuple[np.ndar
     """
     folder = Path(folder)
     items, affine = order_slices(_load(folder, what, headers_only=False), what, folder.name)
-    volume = np.stack([_decode(file, ds, what, folder.name) for file, ds in items], axis=-1)  # (rows, cols, K)
+    slices = [_decode(file, ds, what, folder.name) for file, ds in items]  # each (rows, cols)
+    volume = np.stack(slices, axis=-1)
     return np.ascontiguousarray(volume.transpose(1, 0, 2)), affine

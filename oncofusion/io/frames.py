@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pydicom
@@ -72,7 +72,9 @@ def laplacian_variance(luminance: np.ndarray) -> float:
     return float(ndimage.laplace(np.asarray(luminance, dtype=np.float32)).var())
 
 
-def choose_frame(num_frames: int, frame: int | None, sharpness: Any, name: str, what: str) -> tuple[int, str]:
+def choose_frame(
+    num_frames: int, frame: int | str | None, sharpness: Any, name: str, what: str
+) -> tuple[int, str]:
     """The 0-based frame to use and why; ``sharpness(i)`` scores frame ``i`` and is only called for cines."""
     if frame is not None:
         if isinstance(frame, str) and frame.strip().lstrip("-").isdigit():
@@ -94,31 +96,43 @@ def choose_frame(num_frames: int, frame: int | None, sharpness: Any, name: str, 
 
 
 # -- pixel spacing -----------------------------------------------------------------------------------
+class _Region(NamedTuple):
+    index: int
+    box: tuple[int, int, int, int]  # min x, min y, max x, max y (pixels, inclusive)
+    spacing_mm: tuple[float, float]
+    is_2d: bool
+
+    @property
+    def area(self) -> int:
+        x0, y0, x1, y1 = self.box
+        return (x1 - x0 + 1) * (y1 - y0 + 1)
+
+    def covers(self, x: float, y: float) -> bool:
+        x0, y0, x1, y1 = self.box
+        return x0 <= x <= x1 and y0 <= y <= y1
+
+
+_REGION_BOX = ("RegionLocationMinX0", "RegionLocationMinY0", "RegionLocationMaxX1", "RegionLocationMaxY1")
+
+
 def _region_spacing(ds: Dataset) -> tuple[float, float, int] | None:
     """(x mm, y mm, region index) from SequenceOfUltrasoundRegions, or None when no region is in cm."""
     regions = []
-    for index, region in enumerate(ds.get("SequenceOfUltrasoundRegions", []) or []):
-        units = (region.get("PhysicalUnitsXDirection"), region.get("PhysicalUnitsYDirection"))
-        dx, dy = region.get("PhysicalDeltaX"), region.get("PhysicalDeltaY")
+    for index, item in enumerate(ds.get("SequenceOfUltrasoundRegions", []) or []):
+        units = (item.get("PhysicalUnitsXDirection"), item.get("PhysicalUnitsYDirection"))
+        dx, dy = item.get("PhysicalDeltaX"), item.get("PhysicalDeltaY")
         if units != (US_UNITS_CM, US_UNITS_CM) or not dx or not dy:
-            continue
-        box = [int(region.get(k, 0) or 0) for k in ("RegionLocationMinX0", "RegionLocationMinY0",
-                                                   "RegionLocationMaxX1", "RegionLocationMaxY1")]
-        regions.append((index, box, abs(float(dx)) * 10.0, abs(float(dy)) * 10.0,
-                        region.get("RegionSpatialFormat") == US_FORMAT_2D))
+            continue  # Doppler strips (seconds, cm/s), M-mode, uncalibrated regions
+        box = tuple(int(item.get(k, 0) or 0) for k in _REGION_BOX)
+        spacing = (abs(float(dx)) * 10.0, abs(float(dy)) * 10.0)  # cm -> mm
+        regions.append(_Region(index, box, spacing, item.get("RegionSpatialFormat") == US_FORMAT_2D))
     if not regions:
         return None
-    if any(r[4] for r in regions):
-        regions = [r for r in regions if r[4]]
-    cx, cy = (int(ds.Columns) - 1) / 2.0, (int(ds.Rows) - 1) / 2.0
-
-    def area(r: tuple) -> int:
-        x0, y0, x1, y1 = r[1]
-        return (x1 - x0 + 1) * (y1 - y0 + 1)
-
-    covering = [r for r in regions if r[1][0] <= cx <= r[1][2] and r[1][1] <= cy <= r[1][3]]
-    index, _, sx, sy, _ = max(covering or regions, key=area)
-    return sx, sy, index
+    if any(r.is_2d for r in regions):
+        regions = [r for r in regions if r.is_2d]
+    centre = ((int(ds.Columns) - 1) / 2.0, (int(ds.Rows) - 1) / 2.0)
+    chosen = max([r for r in regions if r.covers(*centre)] or regions, key=lambda r: r.area)
+    return chosen.spacing_mm[0], chosen.spacing_mm[1], chosen.index
 
 
 def dicom_spacing(ds: Dataset) -> tuple[float, float, str, dict[str, Any]]:
@@ -208,7 +222,7 @@ def undecodable_reason(ds: Dataset, error: Exception) -> str:
     )
 
 
-def _read_dicom(path: Path, frame: int | None, what: str) -> tuple[np.ndarray, dict[str, Any]]:
+def _read_dicom(path: Path, frame: int | str | None, what: str) -> tuple[np.ndarray, dict[str, Any]]:
     try:
         ds = pydicom.dcmread(path, force=path.suffix.lower() in DICOM_SUFFIXES)
     except Exception as e:
@@ -264,7 +278,7 @@ def _pil_to_channels(image: Any, name: str, what: str) -> np.ndarray:
     raise InvalidRequest(f"{what} '{name}' has unsupported pixel mode '{mode}'", 415)
 
 
-def _read_pil(path: Path, frame: int | None, what: str) -> tuple[np.ndarray, dict[str, Any]]:
+def _read_pil(path: Path, frame: int | str | None, what: str) -> tuple[np.ndarray, dict[str, Any]]:
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -282,15 +296,20 @@ def _read_pil(path: Path, frame: int | None, what: str) -> tuple[np.ndarray, dic
             channels = channels_of(index)
     except InvalidRequest:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
         raise InvalidRequest(f"cannot read {what} '{path.name}' as PNG/JPEG: {type(e).__name__}", 415) from e
-    meta = {"frame_index": index, "frame_choice": choice, "num_frames": num_frames, "spacing_source": "none",
-            "image_mode": mode}
+    meta = {
+        "frame_index": index,
+        "frame_choice": choice,
+        "num_frames": num_frames,
+        "spacing_source": "none",
+        "image_mode": mode,
+    }
     return channels, {"spacing": (1.0, 1.0), **meta}
 
 
 # -- entry point -------------------------------------------------------------------------------------
-def read_frame(path: str | os.PathLike, frame: int | None = None, what: str = "image") -> MetaTensor:
+def read_frame(path: str | os.PathLike, frame: int | str | None = None, what: str = "image") -> MetaTensor:
     """Decode one 2D frame into float32 ``(C, W, H)`` with a 3x3 affine (pixel size in mm on the diagonal).
 
     ``frame`` picks a frame of a cine (0-based); without it the sharpest frame is used. See the module
@@ -324,8 +343,12 @@ def read_frame(path: str | os.PathLike, frame: int | None = None, what: str = "i
     sx, sy = meta.pop("spacing")
     affine = torch.diag(torch.tensor([sx, sy, 1.0], dtype=torch.float64))
     meta.update(
-        {"filename_or_obj": str(path), "spatial_shape": (cols, rows), "original_channel_dim": 0,
-         "spacing_unit": "mm" if meta["spacing_source"] != "none" else "pixel"}
+        {
+            "filename_or_obj": str(path),
+            "spatial_shape": (cols, rows),
+            "original_channel_dim": 0,
+            "spacing_unit": "mm" if meta["spacing_source"] != "none" else "pixel",
+        }
     )
     logger.debug("read frame %s: %dx%dx%d (%s)", path.name, num_channels, cols, rows, meta["frame_choice"])
     return MetaTensor(data, affine=affine, meta=meta)

@@ -100,7 +100,9 @@ def read_volume(path: str | os.PathLike, what: str = "image") -> MetaTensor:
     try:
         array = np.asarray(array, dtype=np.float32)
     except (TypeError, ValueError) as e:
-        raise InvalidRequest(f"{what} '{path.name}' holds non-numeric voxels ({_reason(e, path)})", 415) from e
+        raise InvalidRequest(
+            f"{what} '{path.name}' holds non-numeric voxels ({_reason(e, path)})", 415
+        ) from e
     # a 3D file sometimes carries trailing singleton dimensions (I, J, K, 1)
     while array.ndim > 3 and array.shape[-1] == 1:
         array = array[..., 0]
@@ -153,5 +155,7 @@ def read_image(path: str | os.PathLike, kind: str = "volume", **options: Any) ->
     try:
         reader = READERS[kind]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown image reader kind {kind!r}: use one of {', '.join(sorted(READERS))}") from None
+        raise ValueError(
+            f"unknown image reader kind {kind!r}: use one of {', '.join(sorted(READERS))}"
+        ) from None
     return reader(path, **options)

@@ -123,7 +123,11 @@ class SlideImage:
         (x, y)`` in level-0 pixels, as ``(height, width, 3)`` uint8 RGB."""
         x, y = _pair(location, "location")
         w, h = _pair(size, "size")
-        if isinstance(level, bool) or not isinstance(level, (int, np.integer)) or not 0 <= level < self.level_count:
+        if (
+            isinstance(level, bool)
+            or not isinstance(level, (int, np.integer))
+            or not 0 <= level < self.level_count
+        ):
             raise InvalidRequest(
                 f"level {level!r} is out of range for slide '{self.name}': it has {self.level_count} levels "
                 f"(0-{self.level_count - 1})",
@@ -150,7 +154,9 @@ class SlideImage:
     def thumbnail(self, max_size: int | Sequence[int] = 512) -> np.ndarray:
         """The whole slide within ``max_size`` (an int for both sides, or ``(width, height)``), aspect kept,
         read from the best pyramid level, as ``(height, width, 3)`` uint8 RGB."""
-        w, h = (max_size, max_size) if isinstance(max_size, (int, np.integer)) else _pair(max_size, "max_size")
+        w, h = (
+            (max_size, max_size) if isinstance(max_size, (int, np.integer)) else _pair(max_size, "max_size")
+        )
         if w <= 0 or h <= 0:
             raise InvalidRequest(f"thumbnail size must be positive, got {w}x{h}", 422)
         return self._to_rgb(self._decode(lambda: self._slide.get_thumbnail((int(w), int(h))).convert("RGB")))
@@ -194,7 +200,9 @@ def open_slide(
     try:
         import openslide
     except ImportError as e:  # pragma: no cover - openslide-python is a dependency
-        raise InvalidRequest("whole-slide images need openslide-python and openslide-bin on the server", 415) from e
+        raise InvalidRequest(
+            "whole-slide images need openslide-python and openslide-bin on the server", 415
+        ) from e
     unsupported = InvalidRequest(
         f"{what} '{path.name}' is not a whole-slide image OpenSlide can open: send a tiled pyramidal TIFF, "
         "SVS, NDPI, MRXS, SCN or another OpenSlide format",

@@ -1,0 +1,712 @@
+"""Readers on inputs as users have them: DICOM series in any slice order, NRRD, real ultrasound DICOM from
+several vendors and encodings, PNG/JPEG exports and pyramidal whole-slide TIFFs.
+
+Every expectation is a known pixel value or a known world position, never the reader's own output.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import uuid
+import warnings
+from pathlib import Path
+
+import nibabel as nib
+import nrrd
+import numpy as np
+import pydicom
+import pytest
+import torch
+from PIL import Image
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    UltrasoundImageStorage,
+    UltrasoundMultiFrameImageStorage,
+    generate_uid,
+)
+from scipy import ndimage
+
+from oncofusion.contract import InvalidRequest
+from oncofusion.io.readers import READERS, image_affine, read_frame, read_image, read_volume
+from oncofusion.io.slides import DEFAULT_TILE_CACHE_BYTES, SlideImage, open_slide
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def shipped_file(name: str) -> Path:
+    """A file shipped with pydicom (``test_files``) or pydicom-data (``data_store/data``)."""
+    roots = [Path(pydicom.__file__).parent / "data" / "test_files"]
+    spec = importlib.util.find_spec("data_store")
+    if spec is not None and spec.submodule_search_locations:
+        roots.append(Path(list(spec.submodule_search_locations)[0]) / "data")
+    for root in roots:
+        if (root / name).is_file():
+            return root / name
+    pytest.skip(f"{name} is not shipped with the installed pydicom / pydicom-data")
+
+
+def raw_pixels(name: str) -> tuple[pydicom.Dataset, np.ndarray]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(shipped_file(name))
+        return ds, ds.pixel_array
+
+
+# -- DICOM series: order by position along the normal ------------------------------------------------
+ROW_SPACING, COL_SPACING = 0.6, 0.8  # anisotropic, so swapped axes cannot pass
+MARKER_ROW, MARKER_COL, MARKER_STORED = 40, 70, 4000
+TAG_STORED = 3000  # pixel (0, 0) of each slice holds TAG_STORED + its rank along the normal
+
+
+def _orientation(alpha_deg: float = 0.0, beta_deg: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    a, b = np.radians(alpha_deg), np.radians(beta_deg)
+    row = np.array([np.cos(a), np.sin(a), 0.0])
+    col = np.array([-np.sin(a) * np.cos(b), np.cos(a) * np.cos(b), np.sin(b)])
+    return row, col
+
+
+def write_ct_series(
+    folder: Path,
+    positions: np.ndarray,
+    instance_numbers: list[int],
+    marker_slice: int,
+    row_cos: np.ndarray,
+    col_cos: np.ndarray,
+) -> None:
+    """A real CT slice (pydicom's CT_small) restacked at ``positions`` (LPS mm), files named at random,
+    with a bright marker on slice ``marker_slice`` and a rank tag on every slice."""
+    template = shipped_file("CT_small.dcm")
+    normal = np.cross(row_cos, col_cos)
+    ranks = np.argsort(np.argsort(positions @ normal))
+    series_uid = generate_uid()
+    for index, (position, number) in enumerate(zip(positions, instance_numbers, strict=True)):
+        ds = pydicom.dcmread(template)
+        pixels = ds.pixel_array.copy()
+        pixels[0, 0] = TAG_STORED + ranks[index]
+        if index == marker_slice:
+            pixels[MARKER_ROW, MARKER_COL] = MARKER_STORED
+        ds.PixelData = pixels.astype(np.int16).tobytes()
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = number
+        ds.ImagePositionPatient = [round(float(v), 6) for v in position]
+        ds.ImageOrientationPatient = [round(float(v), 6) for v in (*row_cos, *col_cos)]
+        ds.PixelSpacing = [ROW_SPACING, COL_SPACING]
+        if "SliceLocation" in ds:
+            del ds.SliceLocation
+        ds.save_as(folder / f"{uuid.uuid4().hex}.dcm")
+
+
+def _marker_world_ras(position: np.ndarray, row_cos: np.ndarray, col_cos: np.ndarray) -> np.ndarray:
+    lps = position + MARKER_COL * COL_SPACING * row_cos + MARKER_ROW * ROW_SPACING * col_cos
+    return (LPS_TO_RAS @ [*lps, 1.0])[:3]
+
+
+SERIES_CASES = {
+    # head first, InstanceNumber shuffled against position
+    "shuffled": dict(angles=(0, 0), steps=[0, 2.5, 5, 7.5, 10], numbers=[3, 1, 5, 2, 4], marker=1, tilt=0.0),
+    # feet first: InstanceNumber grows while z decreases
+    "feet_first": dict(
+        angles=(0, 0), steps=[0, -2.5, -5, -7.5, -10], numbers=[1, 2, 3, 4, 5], marker=3, tilt=0.0
+    ),
+    # oblique plane, InstanceNumber shuffled
+    "oblique": dict(angles=(30, 20), steps=[6, 0, 12, 3, 9], numbers=[2, 5, 1, 4, 3], marker=0, tilt=0.0),
+    # tilted gantry: slice origins shift along the column direction
+    "tilted": dict(angles=(0, 0), steps=[0, 2.5, 5, 7.5, 10], numbers=[5, 4, 3, 2, 1], marker=2, tilt=0.4),
+}
+
+
+@pytest.mark.parametrize("case", list(SERIES_CASES))
+def test_dicom_series_marker_lands_at_its_world_position(tmp_path, case):
+    spec = SERIES_CASES[case]
+    row_cos, col_cos = _orientation(*spec["angles"])
+    normal = np.cross(row_cos, col_cos)
+    origin = np.array([-158.1, -179.0, -75.7])
+    steps = np.asarray(spec["steps"], float)
+    positions = origin + steps[:, None] * normal + (steps[:, None] / 2.5) * spec["tilt"] * col_cos
+    write_ct_series(tmp_path, positions, spec["numbers"], spec["marker"], row_cos, col_cos)
+
+    volume = read_volume(tmp_path)
+    assert tuple(volume.shape) == (1, 128, 128, 5)  # (1, columns, rows, slices)
+    array = volume[0].numpy()
+    i, j, k = np.unravel_index(np.argmax(array), array.shape)
+    assert (i, j) == (MARKER_COL, MARKER_ROW)
+    assert array[i, j, k] == pytest.approx(MARKER_STORED - 1024)  # rescale intercept -1024 applied
+    affine = volume.affine.numpy()
+    world = (affine @ [i, j, k, 1.0])[:3]
+    np.testing.assert_allclose(
+        world, _marker_world_ras(positions[spec["marker"]], row_cos, col_cos), atol=1e-3
+    )
+    # every slice sits at its rank along the normal, and K runs along +normal
+    np.testing.assert_array_equal(array[0, 0, :], TAG_STORED - 1024 + np.arange(5))
+    assert float((LPS_TO_RAS[:3, :3] @ affine[:3, 2]) @ normal) > 0
+    np.testing.assert_allclose(np.linalg.norm(affine[:3, :2], axis=0), [COL_SPACING, ROW_SPACING], rtol=1e-6)
+    # the header-only affine used for datalists agrees
+    np.testing.assert_allclose(image_affine(tmp_path), affine, atol=1e-9)
+
+
+def _axial_series(folder: Path, z: list[float]) -> None:
+    row_cos, col_cos = _orientation()
+    positions = np.array([[-10.0, -20.0, v] for v in z])
+    write_ct_series(folder, positions, list(range(1, len(z) + 1)), 0, row_cos, col_cos)
+
+
+def _edit_one(folder: Path, edit) -> None:
+    """Edit the slice with InstanceNumber 2 (at z = 2.5 mm)."""
+    for file in folder.glob("*.dcm"):
+        ds = pydicom.dcmread(file)
+        if ds.InstanceNumber == 2:
+            edit(ds)
+            ds.save_as(file)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda ds: setattr(ds, "ImageOrientationPatient", [0, 1, 0, 0, 0, -1]),
+            "mixes 2 slice orientations",
+        ),
+        (lambda ds: delattr(ds, "ImagePositionPatient"), "has no ImagePositionPatient"),
+        (lambda ds: setattr(ds, "SeriesInstanceUID", generate_uid()), "mixes 2 DICOM series"),
+        (lambda ds: setattr(ds, "ImagePositionPatient", [-10.0, -20.0, 0.0]), "lie at the same position"),
+    ],
+)
+def test_dicom_series_mixed_is_422(tmp_path, edit, message):
+    _axial_series(tmp_path, [0.0, 2.5, 5.0, 7.5])
+    _edit_one(tmp_path, edit)
+    with pytest.raises(InvalidRequest, match=message) as e:
+        read_volume(tmp_path)
+    assert e.value.status_code == 422
+    assert f"image '{tmp_path.name}'" in str(e.value) and str(tmp_path.parent) not in str(e.value)
+
+
+def test_dicom_series_missing_slice_is_422(tmp_path):
+    _axial_series(tmp_path, [0.0, 2.5, 5.0, 10.0, 12.5])
+    with pytest.raises(InvalidRequest, match="unevenly spaced .* a slice is missing") as e:
+        read_volume(tmp_path)
+    assert e.value.status_code == 422
+
+
+def test_dicom_series_skips_other_files(tmp_path):
+    _axial_series(tmp_path, [0.0, 2.5, 5.0])
+    (tmp_path / "notes.txt").write_text("not dicom")
+    (tmp_path / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    assert tuple(read_volume(tmp_path).shape) == (1, 128, 128, 3)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not dicom")
+    with pytest.raises(InvalidRequest, match="holds no DICOM image files") as e:
+        read_volume(empty)
+    assert e.value.status_code == 415
+
+
+# -- NRRD ----------------------------------------------------------------------------------------------
+DIRECTIONS = np.array([[0.7, 0.0, 0.0], [0.0, 0.8, 0.1], [0.0, 0.0, 2.0]])  # one row per axis
+ORIGIN = np.array([10.0, 20.0, 30.0])
+
+
+def _nrrd_volume() -> np.ndarray:
+    return np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+
+
+@pytest.mark.parametrize(
+    "space, flip",
+    [
+        ("left-posterior-superior", (-1, -1, 1)),
+        ("right-anterior-superior", (1, 1, 1)),
+        ("left-anterior-superior", (-1, 1, 1)),
+    ],
+)
+def test_nrrd_affine_maps_ijk_to_ras(tmp_path, space, flip):
+    path = tmp_path / "ct.nrrd"
+    nrrd.write(
+        str(path), _nrrd_volume(), {"space": space, "space directions": DIRECTIONS, "space origin": ORIGIN}
+    )
+    image = read_volume(path)
+    assert tuple(image.shape) == (1, 4, 5, 6)
+    assert float(image[0, 1, 2, 3]) == float(_nrrd_volume()[1, 2, 3])  # no reorientation
+    world_in_space = ORIGIN + np.array([1, 2, 3]) @ DIRECTIONS
+    expected = np.asarray(flip) * world_in_space
+    np.testing.assert_allclose((image.affine.numpy() @ [1, 2, 3, 1])[:3], expected, atol=1e-9)
+    np.testing.assert_allclose(image_affine(path), image.affine.numpy())
+
+
+def test_nrrd_lps_agrees_with_monai_and_detached_header(tmp_path):
+    from monai.data import NrrdReader
+
+    header = {"space": "left-posterior-superior", "space directions": DIRECTIONS, "space origin": ORIGIN}
+    nrrd.write(str(tmp_path / "a.nrrd"), _nrrd_volume(), header)
+    reader = NrrdReader()
+    _, meta = reader.get_data(reader.read(str(tmp_path / "a.nrrd")))
+    np.testing.assert_allclose(read_volume(tmp_path / "a.nrrd").affine.numpy(), meta["affine"], atol=1e-9)
+    nrrd.write(str(tmp_path / "b.nhdr"), _nrrd_volume(), header, detached_header=True)
+    np.testing.assert_array_equal(read_volume(tmp_path / "b.nhdr")[0].numpy(), _nrrd_volume())
+
+
+def test_nrrd_bad_inputs(tmp_path):
+    vector = np.zeros((3, 4, 5, 6), np.float32)
+    directions = np.vstack([np.full(3, np.nan), DIRECTIONS])
+    nrrd.write(
+        str(tmp_path / "rgb.nrrd"),
+        vector,
+        {"space": "LPS", "space directions": directions, "kinds": ["vector", "domain", "domain", "domain"]},
+    )
+    with pytest.raises(InvalidRequest, match="'rgb.nrrd' has shape 4x5x6x3: a 3D volume") as e:
+        read_volume(tmp_path / "rgb.nrrd")
+    assert e.value.status_code == 422
+    (tmp_path / "broken.nrrd").write_bytes(b"NRRD0004\ntype: float\n")
+    with pytest.raises(InvalidRequest, match="cannot read image 'broken.nrrd' as NRRD") as e:
+        read_volume(tmp_path / "broken.nrrd")
+    assert e.value.status_code == 415
+
+
+def test_volume_formats_message(tmp_path):
+    (tmp_path / "scan.mha").write_bytes(b"ObjectType = Image\n")
+    with pytest.raises(InvalidRequest, match="NIfTI file .* NRRD file .* DICOM series folder") as e:
+        read_volume(tmp_path / "scan.mha")
+    assert e.value.status_code == 415
+
+
+# -- 2D frames: real DICOM ultrasound and secondary captures ------------------------------------------
+SC_STRIPES = [
+    (255, 0, 0),
+    (255, 128, 128),
+    (0, 255, 0),
+    (128, 255, 128),
+    (0, 0, 255),
+    (128, 128, 255),
+    (0, 0, 0),
+    (64, 64, 64),
+    (192, 192, 192),
+    (255, 255, 255),
+]  # rows 5, 15, ... 95 of SC_rgb
+
+
+@pytest.mark.parametrize(
+    "name, tolerance",
+    [
+        ("SC_rgb.dcm", 0),
+        ("SC_rgb_expb_16bit.dcm", 0),  # 16-bit big endian
+        ("SC_rgb_rle.dcm", 0),
+        ("SC_rgb_gdcm_KY.dcm", 0),  # JPEG 2000
+        ("SC_ybr_full_uncompressed.dcm", 6),
+        ("SC_ybr_full_422_uncompressed.dcm", 6),
+        ("SC_rgb_dcmtk_+eb+cy+s2.dcm", 6),  # JPEG baseline, YBR_FULL_422
+        ("SC_rgb_jpeg_dcmtk.dcm", 6),  # JPEG baseline, YBR_FULL
+    ],
+)
+def test_frame_colour_encodings_give_the_same_rgb(name, tolerance):
+    image = read_frame(shipped_file(name))
+    assert tuple(image.shape) == (3, 100, 100) and image.dtype == torch.float32
+    got = np.array([image[:, 50, row].tolist() for row in range(5, 100, 10)])
+    np.testing.assert_allclose(got, np.array(SC_STRIPES, float), atol=tolerance)
+
+
+def test_frame_requested_from_real_two_frame_file():
+    image = read_frame(shipped_file("SC_rgb_2frame.dcm"), frame=1)
+    got = np.array([image[:, 50, row].tolist() for row in range(5, 100, 10)])
+    np.testing.assert_allclose(got, 255 - np.array(SC_STRIPES, float), atol=1)  # frame 1 is the inverse
+    assert (image.meta["frame_index"], image.meta["frame_choice"], image.meta["num_frames"]) == (
+        1,
+        "requested",
+        2,
+    )
+    with pytest.raises(
+        InvalidRequest,
+        match=r"frame 2 is out of range for image 'SC_rgb_2frame.dcm': it has "
+        r"2 frames \(0-1\)",
+    ) as e:
+        read_frame(shipped_file("SC_rgb_2frame.dcm"), frame=2)
+    assert e.value.status_code == 422
+
+
+def test_frame_real_small_parts_rgb_axes_and_lossless_jpeg2000():
+    ds, raw = raw_pixels("US1_UNCR.dcm")
+    image = read_frame(shipped_file("US1_UNCR.dcm"))
+    assert tuple(image.shape) == (3, 640, 480)  # (C, W = columns, H = rows)
+    for row, col in [(100, 200), (300, 500), (479, 0)]:
+        np.testing.assert_array_equal(image[:, col, row].numpy(), raw[row, col].astype(np.float32))
+    assert image.meta["spacing_source"] == "none" and image.meta["spacing_unit"] == "pixel"
+    np.testing.assert_array_equal(image.affine.numpy(), np.eye(3))
+    torch.testing.assert_close(read_frame(shipped_file("US1_J2KR.dcm")), image)  # YBR_RCT, lossless
+    lossy = read_frame(shipped_file("US1_J2KI.dcm"))  # YBR_ICT, lossy
+    assert float((lossy - image).abs().mean()) < 3.0
+
+
+def test_frame_real_palette_obstetric_with_region_calibration():
+    ds, raw = raw_pixels("OBXXXX1A.dcm")
+    image = read_frame(shipped_file("OBXXXX1A.dcm"))
+    assert tuple(image.shape) == (3, 800, 600)
+    # the palette looked up by hand: 16-bit entries, first mapped value 0, shown by their high byte
+    luts = [
+        np.frombuffer(ds[f"{c}PaletteColorLookupTableData"].value, "<u2") for c in ("Red", "Green", "Blue")
+    ]
+    for row, col in [(300, 400), (100, 600), (550, 150)]:
+        expected = [int(lut[raw[row, col]]) >> 8 for lut in luts]
+        np.testing.assert_array_equal(image[:, col, row].numpy(), expected)
+    # region 0 (2D tissue, cm) covers the centre: 0.02622878766 cm per pixel
+    np.testing.assert_allclose(image.affine.numpy(), np.diag([0.2622878766, 0.2622878766, 1.0]), rtol=1e-8)
+    assert image.meta["spacing_source"] == "ultrasound_region" and image.meta["ultrasound_region"] == 0
+    for variant in ("OBXXXX1A_rle.dcm", "OBXXXX1A_expb.dcm"):
+        torch.testing.assert_close(read_frame(shipped_file(variant)), image)
+
+
+def test_frame_real_16bit_palette():
+    ds, raw = raw_pixels("gdcm-US-ALOKA-16.dcm")
+    from pydicom.pixel_data_handlers.util import apply_color_lut
+
+    image = read_frame(shipped_file("gdcm-US-ALOKA-16.dcm"))
+    assert tuple(image.shape) == (3, 640, 480)
+    assert 200 < float(image.max()) <= 255.0  # 16-bit palette entries shown as 8-bit
+    rgb = apply_color_lut(raw, ds)
+    np.testing.assert_array_equal(image[:, 32, 40].numpy(), (rgb[40, 32] >> 8).astype(np.float32))
+    np.testing.assert_allclose(np.diag(image.affine.numpy())[:2], [0.3826530650, 0.3826530650], rtol=1e-8)
+
+
+def test_frame_real_cine_ybr_jpeg_picks_a_frame_and_converts_colour():
+    image = read_frame(shipped_file("color3d_jpeg_baseline.dcm"))
+    assert tuple(image.shape) == (3, 640, 480)
+    assert image.meta["num_frames"] == 120 and image.meta["frame_choice"] == "sharpest"
+    assert 0 <= image.meta["frame_index"] < 120
+    np.testing.assert_allclose(np.diag(image.affine.numpy())[:2], [0.5104970559, 0.5104970559], rtol=1e-8)
+    # the B-mode region is grey: after YCbCr -> RGB its three channels agree (YCbCr left as is would
+    # give (Y, ~128, ~128))
+    sector = image[:, 84:596, 31:415]
+    grey = (sector.max(dim=0).values - sector.min(dim=0).values) <= 8
+    assert float(grey.float().mean()) > 0.95
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pylibjpeg") is not None, reason="pylibjpeg decodes it")
+def test_frame_undecodable_transfer_syntax_is_415():
+    with pytest.raises(
+        InvalidRequest, match=r"its transfer syntax 'JPEG Lossless.*' could not be decoded"
+    ) as e:
+        read_frame(shipped_file("JPGLosslessP14SV1_1s_1f_8b.dcm"))
+    assert e.value.status_code == 415
+
+
+def test_frame_real_ct_slice_keeps_hounsfield_units_and_pixel_spacing():
+    ds, raw = raw_pixels("CT_small.dcm")
+    image = read_frame(shipped_file("CT_small.dcm"))
+    assert tuple(image.shape) == (1, 128, 128)
+    assert float(image[0, 70, 40]) == float(raw[40, 70]) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    assert image.meta["spacing_source"] == "pixel_spacing"
+    assert image.meta["frame_choice"] == "only"
+
+
+def test_frame_dicom_without_image_is_415():
+    with pytest.raises(InvalidRequest, match="without an image") as e:
+        read_frame(shipped_file("test-SR.dcm"))
+    assert e.value.status_code == 415
+
+
+# -- 2D frames: synthetic ultrasound with known content ----------------------------------------------
+def write_us(path: Path, frames: np.ndarray, photometric: str = "MONOCHROME2", **attributes) -> Path:
+    """An ultrasound DICOM file (8-bit, (F, rows, cols) monochrome or (F, rows, cols, 3) RGB)."""
+    multi = frames.shape[0] > 1
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UltrasoundMultiFrameImageStorage if multi else UltrasoundImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "US"
+    ds.Rows, ds.Columns = frames.shape[1:3]
+    ds.SamplesPerPixel = 3 if frames.ndim == 4 else 1
+    if ds.SamplesPerPixel == 3:
+        ds.PlanarConfiguration = 0
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    if multi:
+        ds.NumberOfFrames = frames.shape[0]
+    for key, value in attributes.items():
+        setattr(ds, key, value)
+    ds.PixelData = np.ascontiguousarray(frames, dtype=np.uint8).tobytes()
+    ds.is_little_endian, ds.is_implicit_VR = True, False
+    ds.save_as(path, write_like_original=False)
+    return path
+
+
+def _region(x0: int, y0: int, x1: int, y1: int, dx_cm: float, dy_cm: float, units: int = 3, fmt: int = 1):
+    region = pydicom.Dataset()
+    region.RegionSpatialFormat, region.RegionDataType, region.RegionFlags = fmt, 1, 0
+    region.RegionLocationMinX0, region.RegionLocationMinY0 = x0, y0
+    region.RegionLocationMaxX1, region.RegionLocationMaxY1 = x1, y1
+    region.PhysicalUnitsXDirection, region.PhysicalUnitsYDirection = units, units
+    region.PhysicalDeltaX, region.PhysicalDeltaY = dx_cm, dy_cm
+    return region
+
+
+def _checkerboard(rows: int = 48, cols: int = 64, square: int = 4) -> np.ndarray:
+    r, c = np.indices((rows, cols))
+    return np.where(((r // square) + (c // square)) % 2 == 0, 40.0, 220.0)
+
+
+@pytest.fixture()
+def cine(tmp_path) -> tuple[Path, np.ndarray]:
+    """Five frames of the same pattern: all blurred except frame 3 (neither the first nor the middle)."""
+    sharp = _checkerboard()
+    frames = np.stack([ndimage.gaussian_filter(sharp, s) if s else sharp for s in (2.0, 1.5, 2.5, 0, 3.0)])
+    frames = np.clip(np.rint(frames + np.arange(5)[:, None, None]), 0, 255).astype(np.uint8)
+    return write_us(tmp_path / "cine.dcm", frames), frames
+
+
+def test_cine_default_is_the_sharpest_frame(cine):
+    path, frames = cine
+    image = read_frame(path)
+    assert (image.meta["frame_index"], image.meta["frame_choice"], image.meta["num_frames"]) == (
+        3,
+        "sharpest",
+        5,
+    )
+    np.testing.assert_array_equal(image[0].numpy(), frames[3].T.astype(np.float32))
+
+
+@pytest.mark.parametrize("frame", [1, "1"])
+def test_cine_requested_frame(cine, frame):
+    path, frames = cine
+    image = read_frame(path, frame=frame)
+    assert (image.meta["frame_index"], image.meta["frame_choice"]) == (1, "requested")
+    np.testing.assert_array_equal(image[0].numpy(), frames[1].T.astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    "frame, message",
+    [
+        (5, r"frame 5 is out of range for image 'cine.dcm': it has 5 frames \(0-4\)"),
+        (-1, r"frame -1 is out of range"),
+        ("last", "frame must be an integer frame index"),
+        (True, "frame must be an integer"),
+    ],
+)
+def test_cine_bad_frame_is_422(cine, frame, message):
+    with pytest.raises(InvalidRequest, match=message) as e:
+        read_frame(cine[0], frame=frame)
+    assert e.value.status_code == 422
+
+
+def test_frame_monochrome1_is_inverted(tmp_path):
+    pixels = np.arange(48 * 64, dtype=np.uint32).reshape(1, 48, 64) % 256
+    image = read_frame(write_us(tmp_path / "m1.dcm", pixels, "MONOCHROME1"))
+    np.testing.assert_array_equal(image[0].numpy(), (255 - pixels[0]).T.astype(np.float32))
+
+
+def test_frame_region_covering_the_centre_gives_the_spacing(tmp_path):
+    frame = _checkerboard()[None]
+    regions = [
+        _region(41, 0, 63, 47, 0.05, 0.05),  # a larger side view, away from the centre
+        _region(25, 0, 40, 47, 0.02, 0.03),  # the view covering the centre (31.5, 23.5)
+        _region(0, 0, 63, 47, 0.5, 0.0, units=4, fmt=3),  # a Doppler strip in seconds: not a length
+    ]
+    image = read_frame(write_us(tmp_path / "us.dcm", frame, SequenceOfUltrasoundRegions=regions))
+    np.testing.assert_allclose(image.affine.numpy(), np.diag([0.2, 0.3, 1.0]), rtol=1e-9)  # x from DeltaX
+    assert image.meta["ultrasound_region"] == 1
+
+
+def test_frame_pixel_spacing_is_row_then_column(tmp_path):
+    image = read_frame(write_us(tmp_path / "us.dcm", _checkerboard()[None], PixelSpacing=[0.5, 0.8]))
+    np.testing.assert_allclose(image.affine.numpy(), np.diag([0.8, 0.5, 1.0]))  # x = column spacing
+    assert image.meta["spacing_source"] == "pixel_spacing" and image.meta["spacing_unit"] == "mm"
+
+
+def test_frame_rgb_us_without_calibration(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (1, 6, 8, 3)).astype(np.uint8)
+    image = read_frame(write_us(tmp_path / "rgb.dcm", rgb, "RGB"))
+    np.testing.assert_array_equal(image.numpy(), rgb[0].transpose(2, 1, 0).astype(np.float32))
+    assert image.meta["spacing_source"] == "none"
+
+
+# -- 2D frames: PNG / JPEG -----------------------------------------------------------------------------
+@pytest.fixture()
+def photo() -> np.ndarray:
+    rows, cols = np.indices((30, 40))
+    return np.stack([rows * 8, cols * 6, (rows + cols) * 3], axis=-1).astype(np.uint8)
+
+
+def test_png_rgb_grey_rgba_palette(tmp_path, photo):
+    Image.fromarray(photo).save(tmp_path / "rgb.png")
+    image = read_frame(tmp_path / "rgb.png")
+    assert tuple(image.shape) == (3, 40, 30)
+    np.testing.assert_array_equal(image[:, 7, 3].numpy(), photo[3, 7])  # column 7, row 3
+    assert image.meta["spacing_source"] == "none" and image.meta["frame_choice"] == "only"
+    np.testing.assert_array_equal(image.affine.numpy(), np.eye(3))
+
+    Image.fromarray(photo[..., 0]).save(tmp_path / "grey.png")
+    grey = read_frame(tmp_path / "grey.png")
+    assert tuple(grey.shape) == (1, 40, 30)
+    np.testing.assert_array_equal(grey[0].numpy(), photo[..., 0].T)
+
+    alpha = np.where(np.indices((30, 40))[1] < 20, 0, 255).astype(np.uint8)  # left half transparent
+    Image.fromarray(np.dstack([photo, alpha]), "RGBA").save(tmp_path / "rgba.png")
+    torch.testing.assert_close(read_frame(tmp_path / "rgba.png"), image, check_stride=False)
+
+    four = np.zeros((30, 40, 3), np.uint8)
+    four[:, 10:] = (200, 30, 30)
+    four[15:, :] = (10, 220, 90)
+    Image.fromarray(four).convert("P", palette=Image.Palette.ADAPTIVE, colors=4).save(tmp_path / "pal.png")
+    np.testing.assert_array_equal(read_frame(tmp_path / "pal.png").numpy(), four.transpose(2, 1, 0))
+
+
+def test_png_16bit_keeps_its_values(tmp_path):
+    values = (np.arange(30 * 40).reshape(30, 40) * 50).astype(np.uint16)  # up to 59950
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    image = read_frame(tmp_path / "deep.png")
+    assert tuple(image.shape) == (1, 40, 30)
+    np.testing.assert_array_equal(image[0].numpy(), values.T.astype(np.float32))
+
+
+def test_jpeg_rgb_and_grey(tmp_path, photo):
+    Image.fromarray(photo).save(tmp_path / "export.jpg", quality=95)
+    image = read_frame(tmp_path / "export.jpg")
+    assert tuple(image.shape) == (3, 40, 30)
+    assert float((image - torch.from_numpy(photo.transpose(2, 1, 0).astype(np.float32))).abs().mean()) < 3
+    Image.fromarray(photo[..., 1]).save(tmp_path / "grey.jpeg")
+    assert tuple(read_frame(tmp_path / "grey.jpeg").shape) == (1, 40, 30)
+
+
+def test_frame_bad_inputs(tmp_path):
+    with pytest.raises(InvalidRequest, match="image 'missing.png' not found") as e:
+        read_frame(tmp_path / "missing.png")
+    assert e.value.status_code == 400
+    (tmp_path / "fake.png").write_bytes(b"\x89PNG but not really")
+    with pytest.raises(InvalidRequest, match="cannot read image 'fake.png' as PNG/JPEG") as e:
+        read_frame(tmp_path / "fake.png")
+    assert e.value.status_code == 415
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(InvalidRequest, match="unsupported image format for 'notes.txt'") as e:
+        read_frame(tmp_path / "notes.txt")
+    assert e.value.status_code == 415
+    with pytest.raises(InvalidRequest, match="is a folder") as e:
+        read_frame(tmp_path)
+    assert e.value.status_code == 415
+    Image.fromarray(np.zeros((1, 5), np.uint8)).save(tmp_path / "line.png")
+    with pytest.raises(InvalidRequest, match="'line.png' is 5x1 pixels") as e:
+        read_frame(tmp_path / "line.png")
+    assert e.value.status_code == 422
+
+
+# -- whole-slide images ----------------------------------------------------------------------------------
+def write_pyramid(
+    path: Path, base: np.ndarray, levels: int = 3, mpp: float | None = 0.5, unit: str = "CENTIMETER"
+):
+    """A tiled pyramidal TIFF, each level half the previous (exact decimation, so reads are checkable)."""
+    import tifffile
+
+    per_unit = {"CENTIMETER": 1e4, "INCH": 25400.0}[unit]
+    with tifffile.TiffWriter(path) as tif:
+        level = base
+        for index in range(levels):
+            kwargs = {}
+            if mpp is not None:
+                res = per_unit / (mpp * 2**index)
+                kwargs = {"resolution": (res, res), "resolutionunit": unit}
+            tif.write(
+                level,
+                tile=(128, 128),
+                photometric="rgb",
+                compression="zlib",
+                subfiletype=0 if index == 0 else 1,
+                **kwargs,
+            )
+            level = level[::2, ::2]
+    return path
+
+
+@pytest.fixture(scope="module")
+def tissue() -> np.ndarray:
+    """A real immunohistochemistry image (scikit-image), tiled to 768 x 1024."""
+    ski_data = pytest.importorskip("skimage.data")
+    return np.ascontiguousarray(np.tile(ski_data.immunohistochemistry(), (2, 2, 1))[:768])
+
+
+@pytest.fixture()
+def slide_path(tmp_path, tissue) -> Path:
+    return write_pyramid(tmp_path / "tissue.tiff", tissue)
+
+
+def test_slide_levels_mpp_and_regions(slide_path, tissue):
+    with open_slide(slide_path) as slide:
+        assert isinstance(slide, SlideImage)
+        assert slide.level_count == 3
+        assert slide.level_dimensions == ((1024, 768), (512, 384), (256, 192))  # (width, height)
+        assert slide.level_downsamples == (1.0, 2.0, 4.0)
+        assert slide.mpp == pytest.approx((0.5, 0.5))
+        assert slide.nbytes == DEFAULT_TILE_CACHE_BYTES  # a handle, not pixels
+        region = slide.read_region((100, 200), 0, (50, 40))
+        assert region.shape == (40, 50, 3) and region.dtype == np.uint8
+        np.testing.assert_array_equal(region, tissue[200:240, 100:150])
+        # location is in level-0 pixels; (100, 200) is (50, 100) at level 1
+        np.testing.assert_array_equal(
+            slide.read_region((100, 200), 1, (64, 32)), tissue[::2, ::2][100:132, 50:114]
+        )
+        np.testing.assert_array_equal(slide.read_region((0, 0), 2, (256, 192)), tissue[::4, ::4])
+        # beyond the edge: the slide background (white)
+        edge = slide.read_region((1000, 750), 0, (40, 30))
+        np.testing.assert_array_equal(edge[:18, :24], tissue[750:, 1000:])
+        assert (edge[18:] == 255).all() and (edge[:, 24:] == 255).all()
+        thumb = slide.thumbnail(128)
+        assert thumb.dtype == np.uint8 and thumb.shape[2] == 3 and max(thumb.shape[:2]) == 128
+        assert thumb.shape[1] > thumb.shape[0]  # landscape kept
+
+
+def test_slide_mpp_from_inch_resolution_or_absent(tmp_path, tissue):
+    with open_slide(write_pyramid(tmp_path / "inch.tiff", tissue, levels=2, mpp=0.25, unit="INCH")) as slide:
+        assert slide.mpp == pytest.approx((0.25, 0.25), rel=1e-6)
+    with open_slide(write_pyramid(tmp_path / "none.tiff", tissue, levels=2, mpp=None)) as slide:
+        assert slide.mpp is None and slide.mpp_source == "none"
+    # formats whose vendor metadata OpenSlide does not turn into openslide.mpp-x/y
+    tiff_only = {"tiff.ResolutionUnit": "inch", "tiff.XResolution": "101600", "tiff.YResolution": "50800"}
+    assert SlideImage._microns_per_pixel(tiff_only) == (pytest.approx((0.25, 0.5)), "tiff_resolution")
+    assert SlideImage._microns_per_pixel({**tiff_only, "tiff.ResolutionUnit": "none"}) == (None, "none")
+
+
+@pytest.mark.parametrize(
+    "location, level, size, message",
+    [
+        ((0, 0), 3, (10, 10), r"level 3 is out of range for slide 'tissue.tiff': it has 3 levels \(0-2\)"),
+        ((0, 0), 0, (0, 10), "size must be positive"),
+        ((0, 0), 0, (10000, 10000), "larger than the .* pixels one read may decode"),
+        ((2000, 0), 0, (10, 10), "lies outside slide 'tissue.tiff' \\(1024x768 at level 0\\)"),
+    ],
+)
+def test_slide_bad_region_is_422(slide_path, location, level, size, message):
+    slide = open_slide(slide_path)
+    with pytest.raises(InvalidRequest, match=message) as e:
+        slide.read_region(location, level, size)
+    assert e.value.status_code == 422
+
+
+def test_slide_unsupported_or_corrupt_is_415(tmp_path, slide_path, tissue):
+    import tifffile
+
+    Image.fromarray(tissue[:64, :64]).save(tmp_path / "tile.png")
+    tifffile.imwrite(tmp_path / "strips.tiff", tissue[:64, :64], photometric="rgb")  # not tiled
+    truncated = tmp_path / "truncated.tiff"
+    truncated.write_bytes(slide_path.read_bytes()[:300])
+    (tmp_path / "text.svs").write_text("not a slide")
+    for name in ("tile.png", "strips.tiff", "truncated.tiff", "text.svs"):
+        with pytest.raises(InvalidRequest, match=f"'{name}'") as e:
+            open_slide(tmp_path / name)
+        assert e.value.status_code == 415, name
+        assert str(tmp_path) not in str(e.value)
+    with pytest.raises(InvalidRequest, match="slide 'gone.svs' not found") as e:
+        open_slide(tmp_path / "gone.svs")
+    assert e.value.status_code == 400
+
+
+# -- registry ------------------------------------------------------------------------------------------------
+def test_read_image_dispatches_by_kind(tmp_path, cine, slide_path):
+    volume = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), str(tmp_path / "v.nii.gz"))
+    assert set(READERS) == {"volume", "frame", "slide"}
+    np.testing.assert_array_equal(read_image(tmp_path / "v.nii.gz", "volume")[0].numpy(), volume)
+    assert read_image(cine[0], "frame", frame=2).meta["frame_index"] == 2
+    assert read_image(slide_path, "slide").level_count == 3
+    with pytest.raises(
+        ValueError, match="unknown image reader kind 'video': use one of frame, slide, volume"
+    ):
+        read_image(cine[0], "video")
+    with pytest.raises(InvalidRequest, match="unsupported image format for 'cine.dcm'"):
+        read_image(cine[0], "volume")  # one DICOM file is not a series

@@ -1,0 +1,105 @@
+"""The training plan: stages and variants read from configs/plan.json, ordered, and run the same way
+by the command line and the server."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from oncofusion.cli import main as cli_main
+from oncofusion.training import Stage, Step, TrainingPlan, run_plan, step_command
+
+REPO = Path(__file__).resolve().parents[1]
+PLAN = {
+    "num_folds": 3,
+    "stages": [{"name": "extract", "config_file": "configs/extract.json", "per_fold": False},
+               {"name": "fit", "config_file": ["configs/fit.json"]}],
+    "variants": {"fusion": [], "image_only": ["configs/image_only.json"]},
+}
+
+
+def _bundle(tmp_path: Path, plan: dict | None = PLAN) -> Path:
+    (tmp_path / "configs").mkdir(parents=True)
+    if plan is not None:
+        (tmp_path / "configs" / "plan.json").write_text(json.dumps(plan))
+    return tmp_path
+
+
+def test_steps_run_each_variant_stage_by_stage_and_fold_by_fold(tmp_path):
+    plan = TrainingPlan.load(_bundle(tmp_path))
+    assert plan.stages == (Stage("extract", ("configs/extract.json",), False), Stage("fit", ("configs/fit.json",)))
+    steps = plan.steps()
+    assert [(s.variant, s.stage, s.fold) for s in steps] == [
+        ("fusion", "extract", None), ("fusion", "fit", 0), ("fusion", "fit", 1), ("fusion", "fit", 2),
+        ("image_only", "extract", None), ("image_only", "fit", 0), ("image_only", "fit", 1),
+        ("image_only", "fit", 2),
+    ]
+    assert steps[-1].config_file == ("configs/fit.json", "configs/image_only.json")
+    chosen = plan.steps(variants=["image_only"], folds=[2])
+    assert [(s.stage, s.fold) for s in chosen] == [("extract", None), ("fit", 2)]
+
+
+def test_a_bundle_without_a_plan_runs_train_json_once(tmp_path):
+    assert TrainingPlan.load(_bundle(tmp_path, plan=None)).steps() == [
+        Step("train", "default", None, ("configs/train.json",))]
+
+
+@pytest.mark.parametrize("plan, message", [
+    ({"stages": []}, "'stages' must be a non-empty list"),
+    ({"stages": [{"config_file": "c.json"}]}, "stage 0 needs a 'name'"),
+    ({"stages": [{"name": "a", "config_file": "c.json"}], "variants": {"x": "y.json"}}, "'variants' must map"),
+    ({"stages": [{"name": "a", "config_file": "c.json"}], "num_folds": 0}, "'num_folds' must be >= 1"),
+])
+def test_a_malformed_plan_names_the_problem(tmp_path, plan, message):
+    with pytest.raises(ValueError, match=message):
+        TrainingPlan.load(_bundle(tmp_path, plan))
+
+
+def test_unknown_variants_and_folds_are_refused(tmp_path):
+    plan = TrainingPlan.load(_bundle(tmp_path))
+    with pytest.raises(ValueError, match=r"unknown variant\(s\) \['fused'\]; this bundle has \['fusion', 'image_only'\]"):
+        plan.steps(variants=["fused"])
+    with pytest.raises(ValueError, match=r"fold\(s\) \[3\] outside 0-2"):
+        plan.steps(folds=[3])
+
+
+def test_step_command_passes_fold_files_and_overrides(tmp_path):
+    bundle = _bundle(tmp_path)
+    step = Step("fit", "image_only", 1, ("configs/fit.json", "configs/image_only.json"))
+    command = step_command(step, {"max_epochs": 2, "ckpt_dir": None, "datalist_file": "/d/m.json"}, bundle)
+    assert command[:4] == [sys.executable, "-m", "monai.bundle", "run"]
+    assert command[command.index("--config_file") + 1] == '["configs/fit.json", "configs/image_only.json"]'
+    assert command[command.index("--fold") + 1] == "1"
+    assert command[command.index("--max_epochs") + 1] == "2" and "--ckpt_dir" not in command
+    assert command[command.index("--datalist_file") + 1] == "/d/m.json"
+
+
+def test_run_plan_runs_every_step_in_the_bundle_and_stops_at_a_failure(tmp_path):
+    bundle = _bundle(tmp_path)
+    calls = []
+
+    def runner(command, cwd):
+        calls.append((command[command.index("--config_file") + 1], cwd))
+        return 1 if len(calls) == 3 else 0
+
+    with pytest.raises(RuntimeError, match=r"failed at fit \(fusion, fold 1\) \(exit code 1\)"):
+        run_plan(bundle, {"max_epochs": 1}, runner=runner)
+    assert [c[0] for c in calls] == ["configs/extract.json", "configs/fit.json", "configs/fit.json"]
+    assert all(cwd == bundle.resolve() for _, cwd in calls)
+
+
+def test_the_real_bundles_declare_plans_whose_configs_exist():
+    for name, variants in (("lung_nodule_clip", ["default"]), ("bone_tumor_matrix", ["fusion", "image_only"])):
+        bundle = REPO / "bundles" / name
+        plan = TrainingPlan.load(bundle)
+        assert list(plan.variants) == variants and plan.num_folds == 5
+        for step in plan.steps():
+            assert all((bundle / f).is_file() for f in step.config_file), step
+
+
+def test_cli_train_names_a_bad_variant(tmp_path, capsys):
+    assert cli_main(["train", "--bundle", str(_bundle(tmp_path)), "--variant", "fused"]) == 2
+    assert "unknown variant(s) ['fused']" in capsys.readouterr().err
