@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from monailabel.client.client import MONAILabelClientException
 
-from oncofusion.contract import InvalidRequest, Prediction, Roi
+from oncofusion.contract import ImageInput, InputSpec, InvalidRequest, Prediction, Roi
 from oncofusion.data import manifest
 from oncofusion.targets import BinaryTarget
 
@@ -70,6 +70,34 @@ class SphereMeanPredictor:
             return float(fields[name])
         except (KeyError, TypeError, ValueError):
             raise InvalidRequest(f"'{name}' must be a number, got {fields.get(name)!r}") from None
+
+
+class TwoImageMeanPredictor:
+    """Reads a CT and a second volume of the same patient (e.g. a PET): the mean of each at the click."""
+
+    config_options: dict[str, Any] = {}
+
+    def __init__(self, device: Any = "cpu"):
+        self.inputs = InputSpec(images=(ImageInput("image", "volume"), ImageInput("pet", "volume")),
+                                prompt=("points",))
+
+    def predict(self, images: dict[str, torch.Tensor], roi: Roi, fields: dict[str, Any]) -> Prediction:
+        if images.get("pet") is None:
+            raise InvalidRequest("missing image input(s) pet", 400)
+        i, j, k = (int(round(v)) for v in roi.center())
+        return Prediction(result={name: float(images[name][0, i, j, k]) for name in ("image", "pet")})
+
+
+def make_two_image_bundle(root: Path) -> Path:
+    """A bundle whose model reads two images, declared in its inference.json like a real one."""
+    bundle = make_fake_bundle(root, "two_images")
+    config = json.loads((bundle / "configs" / "inference.json").read_text())
+    config["predictor"] = {"_target_": "tests.serving_fakes.TwoImageMeanPredictor", "device": "@device"}
+    config["inputs"] = {"_target_": "oncofusion.contract.InputSpec", "prompt": ["points"],
+                        "images": [{"_target_": "oncofusion.contract.ImageInput", "name": "image"},
+                                   {"_target_": "oncofusion.contract.ImageInput", "name": "pet"}]}
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config, indent=2))
+    return bundle
 
 
 class FakeTrainer:

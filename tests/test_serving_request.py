@@ -28,7 +28,15 @@ from oncofusion.serving.request import (
     request_fields,
 )
 from oncofusion.serving.train_task import BundleTrainTask
-from tests.serving_fakes import AFFINE, SHAPE, make_datastore, make_fake_bundle, volume_with_blob, write_nifti
+from tests.serving_fakes import (
+    AFFINE,
+    SHAPE,
+    make_datastore,
+    make_fake_bundle,
+    make_two_image_bundle,
+    volume_with_blob,
+    write_nifti,
+)
 
 
 def _message(excinfo: pytest.ExceptionInfo) -> str:
@@ -176,6 +184,8 @@ def test_fields_request_then_sidecar_then_defaults(tmp_path):
     # the training target and the training ROI never reach the predictor
     assert fields == {"threshold": 0.5, "mode": "fast", "age": 71, "report": "spiculated"}
     assert "foreground" not in request_fields(request)
+    survival = merge_fields({}, {"os_months": 12.0, "death": 1, "report": "r"}, {}, target_keys=("os_months", "death"))
+    assert survival == {"report": "r"}  # a survival target's time and event stay private too
 
     assert read_sidecar(tmp_path, "other") == {}
     assert read_sidecar(tmp_path, "../case") == {}
@@ -324,6 +334,34 @@ def served(tmp_path):
     datastore = LocalDatastore(str(studies), extensions=["*.nii.gz", "*.nii"])
     task = BundleInferTask(bundle, ImageCache(max_bytes=2**24), sidecar_dir=studies / "sidecars", datastore=datastore)
     return task, datastore, studies
+
+
+def test_a_request_names_further_images_by_id_else_the_sidecar_does(tmp_path):
+    bundle = make_two_image_bundle(tmp_path / "bundles")
+    studies = make_datastore(tmp_path / "datastore")
+    write_nifti(studies / "case_bright_pet.nii.gz", volume_with_blob((12, 10, 8), 7.0))
+    write_nifti(studies / "case_dim_pet.nii.gz", volume_with_blob((12, 10, 8), 3.0))
+    datastore = LocalDatastore(str(studies), extensions=["*.nii.gz", "*.nii"])
+    task = BundleInferTask(bundle, ImageCache(max_bytes=2**24), sidecar_dir=studies / "sidecars", datastore=datastore)
+    image = {"image": datastore.get_image_uri("case_bright"), "image_id": "case_bright", "foreground": [[12, 10, 8]]}
+
+    _, result = task({**image, "images": {"pet": "case_dim_pet"}})
+    assert (result["image"], result["pet"]) == (400.0, 3.0)
+    _, result = task({**image, "images": '{"pet": "case_bright_pet"}'})  # form-encoded JSON
+    assert result["pet"] == 7.0
+    sidecar = studies / "sidecars" / "case_bright.json"
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "images": {"pet": "case_bright_pet"}}))
+    _, result = task(image)  # the sidecar names the study's PET
+    assert result["pet"] == 7.0
+    for images, status, message in [
+        ({"ct2": "case_dim_pet"}, 422, r"'images' names unknown input\(s\) \['ct2'\]; this model reads \['pet'\]"),
+        ({"pet": "nowhere"}, 404, "image 'nowhere' for input 'pet' is not in the datastore"),
+        (["case_dim_pet"], 422, "'images' must map input names to image ids"),
+    ]:
+        with pytest.raises(InvalidRequest, match=message) as e:
+            task({**image, "images": images})
+        assert e.value.status_code == status
+    assert task.info()["dimension"] == 3
 
 
 def test_infer_task_info_is_deepgrow_with_options(served):

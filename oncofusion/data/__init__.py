@@ -1,1 +1,1 @@
-"""Data readers and manifests: LIDC-IDRI annotations (:mod:`.lidc`), case manifests (:mod:`.manifest`)."""
+"""Data: case manifests (:mod:`.manifest`), folds (:mod:`.folds`), clinical fields (:mod:`.clinical`), sampling and ROIs."""

@@ -1,4 +1,4 @@
-"""Symmetric image-text contrastive loss plus the two malignancy heads' cross-entropy."""
+"""Symmetric image-text contrastive loss plus the image and text heads' cross-entropy."""
 
 from __future__ import annotations
 

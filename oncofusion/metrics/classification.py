@@ -1,6 +1,6 @@
 """AUROC, AUPRC, bootstrap CIs and calibration for binary predictions.
 
-Written on numpy so that the evaluation report, the LIDC benchmark and the tests share one
+Written on numpy so that the evaluation report, the benchmarks and the tests share one
 definition; the tests hold them equal to scikit-learn's.
 """
 

@@ -143,7 +143,7 @@ class BundleInferTask(InferTask):
         self.version = str(self.metadata.get("version", ""))
         self.config_path = self.bundle_dir / "configs" / "inference.json"
         self.device = torch.device(device) if device else default_device()
-        self.inputs = self._read_inputs() if self.config_path.is_file() else InputSpec()
+        self.inputs, self.target_keys = self._read_contract() if self.config_path.is_file() else (InputSpec(), ())
         self.image_cache = image_cache
         self.sidecar_dir = Path(sidecar_dir) if sidecar_dir else None
         self.datastore = datastore
@@ -194,15 +194,15 @@ class BundleInferTask(InferTask):
         parser["device"] = self.device
         return parser
 
-    def _read_inputs(self) -> InputSpec:
-        """The bundle's declared ``inputs`` (cheap: no weights load), or one 3D image with any prompt."""
+    def _read_contract(self) -> tuple[InputSpec, tuple[str, ...]]:
+        """The bundle's declared ``inputs`` (default: one 3D image with any prompt) and its target's keys
+        (cheap: no weights load)."""
         parser = self._parser()
-        if parser.get("inputs") is None:
-            return InputSpec()
-        inputs = parser.get_parsed_content("inputs")
+        inputs = InputSpec() if parser.get("inputs") is None else parser.get_parsed_content("inputs")
         if not isinstance(inputs, InputSpec):
             raise TypeError(f"{self.config_path}: 'inputs' must be an oncofusion.contract.InputSpec")
-        return inputs
+        target_keys = () if parser.get("target") is None else tuple(parser.get_parsed_content("target").keys)
+        return inputs, target_keys
 
     def _build_predictor(self) -> Predictor:
         start = time.time()
@@ -262,7 +262,7 @@ class BundleInferTask(InferTask):
             roi = parse_roi(request, tuple(image.shape[1:]), lambda path: read_image(path, primary.reader),
                             inputs.prompt)
         predictor = self.predictor
-        fields = merge_fields(request, sidecar, getattr(predictor, "config_options", {}) or {})
+        fields = merge_fields(request, sidecar, getattr(predictor, "config_options", {}) or {}, self.target_keys)
         prediction: Prediction = predictor.predict(images, roi, fields)
         predicted = time.time()
 

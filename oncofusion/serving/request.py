@@ -268,14 +268,18 @@ def _blank(value: Any) -> bool:
 
 
 def merge_fields(
-    request: Mapping[str, Any], sidecar: Mapping[str, Any], defaults: Mapping[str, Any]
+    request: Mapping[str, Any], sidecar: Mapping[str, Any], defaults: Mapping[str, Any],
+    target_keys: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Request parameters win, the study's sidecar fills what the request lacks, then option defaults.
 
     A blank request value (``None`` or ``""``) counts as lacking: Slicer sends every option of the form,
-    and an untouched empty cell must not hide the value recorded in the study's sidecar.
+    and an untouched empty cell must not hide the value recorded in the study's sidecar. The sidecar's
+    training answer (:data:`SIDECAR_PRIVATE_KEYS` and the model's ``target_keys``, e.g. a survival
+    time and event) never reaches the predictor.
     """
+    private = SIDECAR_PRIVATE_KEYS | set(target_keys)
     fields = {k: option_default(v) for k, v in defaults.items()}
-    fields.update({k: v for k, v in sidecar.items() if k not in SIDECAR_PRIVATE_KEYS})
+    fields.update({k: v for k, v in sidecar.items() if k not in private})
     fields.update({k: v for k, v in request_fields(request).items() if not _blank(v) or k not in fields})
     return fields

@@ -53,8 +53,9 @@ class SCNetPredictor(PredictorTemplate):
         model_version: str = "",
         device: torch.device | str = "cpu",
     ):
-        super().__init__(ensemble, inputs or InputSpec(fields=schema), class_names, positive_class,
-                         model_version=model_version, device=device)
+        fusion = bool(getattr(ensemble.models[0], "fusion", False))
+        super().__init__(ensemble, inputs or InputSpec(fields=schema if fusion else None), class_names,
+                         positive_class, model_version=model_version, device=device)
         self.preprocessing = preprocessing
         self.schema = schema
         self.crop_size_mm = float(crop_size_mm)
@@ -64,7 +65,7 @@ class SCNetPredictor(PredictorTemplate):
         self.integration_steps = int(integration_steps)
         self.summary_fields = int(summary_fields)
         self.explain = bool(explain)
-        self.fusion = bool(getattr(ensemble.models[0], "fusion", False))
+        self.fusion = fusion
         self.variant = "SC-Net (CT + clinical)" if self.fusion else "S-Net (CT only)"
         options: dict[str, Any] = self.schema.config_options() if self.fusion else {}
         self.config_options: dict[str, Any] = {**options, RADIUS_OPTION: self.click_radius_mm}
