@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.bone_helpers import bone_bundle_config, bundle_cli
+from tests.bone_helpers import bundle_cli
 
 pytest_plugins = ["tests.conftest_bone"]
 pytestmark = pytest.mark.slow
@@ -62,12 +62,3 @@ def test_screening_config_writes_the_report(tiny_bone_data, tmp_path):
     assert report["num_cases"] == 12 and report["outcome"] == "osteoid (label 1) vs chondroid (label 0)"
     assert (tmp_path / "screening.md").read_text().startswith("# Clinical-feature screening")
 
-
-def test_multi_gpu_config_resolves_its_overrides():
-    """DDP needs GPUs and NCCL; here: the overlay parses and every id it overrides exists in train.json."""
-    parser = bone_bundle_config("train.json", "multi_gpu_train.json")
-    for key in ("network", "optimizer#params", "train#sampler", "validate#sampler", "validate#dataloader#sampler",
-                "train#handlers", "validate#handlers", "initialize", "run", "finalize"):
-        assert key in parser, key
-    assert parser["train#sampler"]["_target_"] == "DistributedWeightedRandomSampler"
-    assert "LOCAL_RANK" in parser["device"] and parser["run"] == ["$@train#trainer.run()"]

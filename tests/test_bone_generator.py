@@ -9,24 +9,30 @@ import nibabel as nib
 import numpy as np
 import pytest
 from scipy.special import ndtr
+from scipy.stats import norm
+from sklearn.metrics import roc_auc_score
 
 from oncofusion.data.manifest import datalist
-from oncofusion.metrics.classification import auroc
 from oncofusion.targets import BinaryTarget
 from sample_data.generate_bone import (
     AGE_MIXTURE,
     AGE_RANGE,
     IMAGE_MU,
     LOCATIONS,
+    P_FRACTURE,
     P_LOCATION,
+    P_MALE,
+    PREVALENCE,
     CaseTask,
     _age_probability,
     bayes_aurocs,
     clinical_log_likelihood_ratio,
     generate,
     parse_args,
+    posterior_log_odds,
     render_case,
     sample_clinical,
+    sample_image_score,
     sample_labels,
 )
 from tests.bone_helpers import TINY_SHAPE, TINY_SPACING
@@ -124,34 +130,104 @@ def test_clinical_tables_follow_the_literature():
     assert 0.02 < np.mean(clinical["location"] == -1) < 0.1  # missing completely at random
 
 
+def _declared_age_probability(age: np.ndarray, label: int) -> np.ndarray:
+    """P(age | label) from the declared mixture: normal mass within half a year, clipped ends keep the tails."""
+    low = np.where(age <= AGE_RANGE[0], -np.inf, age - 0.5)
+    high = np.where(age >= AGE_RANGE[1], np.inf, age + 0.5)
+    return sum(w * (norm.cdf(high, m, s) - norm.cdf(low, m, s)) for w, m, s in AGE_MIXTURE[label])
+
+
+def _declared_terms(clinical: dict) -> dict[str, np.ndarray]:
+    """Each field's log P(value | osteoid) / P(value | chondroid) from the generator's declared tables;
+    a missing value (missing completely at random) carries no evidence."""
+    location, fracture = clinical["location"], clinical["fracture"]
+    p_location = {y: np.array(P_LOCATION[y])[np.clip(location, 0, None)] for y in (0, 1)}
+    p_fracture = {y: np.where(fracture == 1, P_FRACTURE[y], 1 - P_FRACTURE[y]) for y in (0, 1)}
+    p_male = {y: np.where(clinical["male"], P_MALE[y], 1 - P_MALE[y]) for y in (0, 1)}
+    return {
+        "male": np.log(p_male[1] / p_male[0]),
+        "age": np.log(_declared_age_probability(clinical["age"], 1) / _declared_age_probability(clinical["age"], 0)),
+        "location": np.where(location >= 0, np.log(p_location[1] / p_location[0]), 0.0),
+        "fracture": np.where(fracture >= 0, np.log(p_fracture[1] / p_fracture[0]), 0.0),
+    }
+
+
+def _empirical_log_odds(labels: np.ndarray, members: np.ndarray) -> tuple[float, float]:
+    """log(#osteoid / #chondroid) among ``members`` and its standard error."""
+    osteoid, chondroid = int(labels[members].sum()), int((1 - labels[members]).sum())
+    return float(np.log(osteoid / chondroid)), float(np.sqrt(1 / osteoid + 1 / chondroid))
+
+
 def test_label_model_likelihoods_are_proper():
     ages = np.arange(AGE_RANGE[0], AGE_RANGE[1] + 1)
     for label in AGE_MIXTURE:
         assert _age_probability(ages, label).sum() == pytest.approx(1.0, abs=1e-9)
         assert sum(P_LOCATION[label]) == pytest.approx(1.0)
-    # the exact clinical log-likelihood ratio is the log of empirical frequency ratios
     rng = np.random.default_rng(1)
     labels = sample_labels(rng, 400_000)
     clinical = sample_clinical(rng, labels)
-    llr = clinical_log_likelihood_ratio(clinical)
-    young_metaphysis = (clinical["age"] == 16) & (clinical["location"] == LOCATIONS.index("metaphysis"))
-    empirical = np.log(np.mean(labels[young_metaphysis & clinical["male"] & (clinical["fracture"] == 0)] == 1)
-                       / np.mean(labels[young_metaphysis & clinical["male"] & (clinical["fracture"] == 0)] == 0))
-    assert empirical == pytest.approx(np.median(llr[young_metaphysis & clinical["male"] & (clinical["fracture"] == 0)]),
-                                      abs=0.35)
+    # the exact log-likelihood ratio is the sum of the declared tables' per-field log ratios
+    declared = _declared_terms(clinical)
+    np.testing.assert_allclose(clinical_log_likelihood_ratio(clinical), sum(declared.values()), rtol=0, atol=1e-9)
+    # the draws follow the declared tables: with prevalence 1/2 and fields independent given the label, the
+    # log-odds of osteoid among the cases with one field value is that value's declared log ratio
+    prior = np.log(PREVALENCE / (1 - PREVALENCE))
+    cells = {
+        "male": {"male": clinical["male"], "female": ~clinical["male"]},
+        "age": {f"age {a}": clinical["age"] == a for a in (8, 12, 16, 20, 25, 30, 40, 50, 60, 70)},
+        "location": {**{name: clinical["location"] == i for i, name in enumerate(LOCATIONS)},
+                     "location missing": clinical["location"] == -1},
+        "fracture": {"fracture": clinical["fracture"] == 1, "no fracture": clinical["fracture"] == 0,
+                     "fracture missing": clinical["fracture"] == -1},
+    }
+    observed = {}
+    for field, values in cells.items():
+        for name, members in values.items():
+            (expected,) = set(np.round(declared[field][members], 12))
+            observed[name], se = _empirical_log_odds(labels, members)
+            assert observed[name] == pytest.approx(prior + expected, abs=4 * se), name
+    # the direction of each effect, as the literature has it: osteogenic tumors in younger, more often male
+    # patients, mostly metaphyseal and more often with a pathological fracture; chondrogenic ones older,
+    # in the diaphysis, flat bones and epiphysis (chondroblastoma)
+    assert observed["male"] > 0 > observed["female"]
+    assert observed["age 12"] > 0 and observed["age 16"] > 0 > observed["age 50"] and observed["age 60"] < 0
+    assert observed["metaphysis"] > 0 and max(observed[k] for k in ("epiphysis", "diaphysis", "flat bone")) < 0
+    assert observed["fracture"] > 0 > observed["no fracture"]
+
+
+def _hanley_mcneil_variance(auc: float, positives: int, negatives: int) -> float:
+    """The sampling variance of an AUROC estimated on ``positives`` and ``negatives`` cases."""
+    q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
+    spread = auc * (1 - auc) + (positives - 1) * (q1 - auc**2) + (negatives - 1) * (q2 - auc**2)
+    return spread / (positives * negatives)
 
 
 def test_bayes_aurocs_are_consistent():
-    result = bayes_aurocs(num_draws=50_000, seed=0)
+    draws = 50_000
+    result = bayes_aurocs(num_draws=draws, seed=0)
     assert result["bayes_auroc_image"] == pytest.approx(float(ndtr(np.sqrt(2) * IMAGE_MU)), abs=1e-4)
     assert result["bayes_auroc_image_monte_carlo"] == pytest.approx(result["bayes_auroc_image"], abs=0.01)
-    assert result["bayes_auroc"] > max(result["bayes_auroc_image"], result["bayes_auroc_clinical"]) + 0.02
-    # the posterior from both sources ranks better than either alone on the same draws
+    # fresh draws scored with the declared model, not with the generator's own functions: the image score is
+    # N(+mu, 1) for osteoid and N(-mu, 1) for chondroid, and the posterior log-odds adds 2 mu z to the prior and
+    # the clinical log ratio
     rng = np.random.default_rng(5)
-    labels = sample_labels(rng, 20_000)
+    labels = sample_labels(rng, draws)
     clinical = sample_clinical(rng, labels)
-    assert auroc(labels, clinical_log_likelihood_ratio(clinical)) == pytest.approx(result["bayes_auroc_clinical"],
-                                                                                   abs=0.015)
+    z = sample_image_score(rng, labels)
+    for label, mean in ((1, IMAGE_MU), (0, -IMAGE_MU)):
+        scores = z[labels == label]
+        assert scores.mean() == pytest.approx(mean, abs=4 / np.sqrt(scores.size))
+        assert scores.std() == pytest.approx(1.0, abs=0.02)
+    clinical_llr = sum(_declared_terms(clinical).values())
+    posterior = np.log(PREVALENCE / (1 - PREVALENCE)) + clinical_llr + 2 * IMAGE_MU * z
+    np.testing.assert_allclose(posterior_log_odds(clinical, z), posterior, rtol=0, atol=1e-9)
+    positives, negatives = int(labels.sum()), int((1 - labels).sum())
+    for key, scores in (("bayes_auroc_clinical", clinical_llr), ("bayes_auroc", posterior)):
+        expected = roc_auc_score(labels, scores)
+        tolerance = 4 * np.sqrt(2 * _hanley_mcneil_variance(expected, positives, negatives))
+        assert result[key] == pytest.approx(expected, abs=tolerance), key
+    assert 0.5 < result["bayes_auroc_clinical"] and 0.5 < result["bayes_auroc_image"]
+    assert result["bayes_auroc"] > max(result["bayes_auroc_image"], result["bayes_auroc_clinical"]) + 0.02
 
 
 def test_cli_defaults():

@@ -126,8 +126,49 @@ def test_comparison_report_side_by_side_with_delong(tmp_path):
     assert report["reference"] == {"bayes_auroc": 0.9} and "not clinical performance" in report["note"]
     assert json.loads((tmp_path / "report.json").read_text()) == report
     assert (tmp_path / "roc.png").stat().st_size > 1000
-    markdown = (tmp_path / "report.md").read_text()
-    assert markdown == comparison_markdown(report) and "| fused vs image only |" in markdown
+    assert (tmp_path / "report.md").read_text() == comparison_markdown(report)
+
+
+def _estimate(value: float, low: float, high: float) -> dict:
+    return {"value": value, "low": low, "high": high}
+
+
+def test_comparison_markdown_of_a_small_report():
+    metrics = {"auroc": _estimate(0.8321, 0.7766, 0.8884), "auprc": _estimate(0.81, 0.74, 0.87),
+               "accuracy": _estimate(0.77, 0.71, 0.83), "f1": _estimate(0.7684, 0.7, 0.83),
+               "sensitivity": _estimate(0.784, 0.7, 0.86), "specificity": _estimate(0.757, 0.67, 0.84),
+               "threshold": 0.5}
+    report = {
+        "data": "out-of-fold predictions", "note": "a note", "score": "p", "num_cases": 200, "num_positive": 97,
+        "models": {"fused": metrics, "image only": {**metrics, "auroc": _estimate(0.7944, 0.733, 0.8551)}},
+        "comparisons": [{"a": "fused", "b": "image only", "difference": 0.0377, "ci_low": -0.0054, "ci_high": 0.0809,
+                         "z": 1.7284, "p_value": 0.08392}],
+        "reference": {"bayes_auroc": 0.909},
+    }
+    assert comparison_markdown(report) == """\
+# Model comparison
+
+- data: out-of-fold predictions
+- cases: 200 (97 positive); score: `p`
+- note: a note
+
+| model | AUROC (95 % bootstrap CI) | AUPRC | accuracy | F1 | sensitivity | specificity |
+|---|---|---|---|---|---|---|
+| fused | 0.832 (0.777-0.888) | 0.810 (0.740-0.870) | 0.770 (0.710-0.830) | 0.768 (0.700-0.830) | \
+0.784 (0.700-0.860) | 0.757 (0.670-0.840) |
+| image only | 0.794 (0.733-0.855) | 0.810 (0.740-0.870) | 0.770 (0.710-0.830) | 0.768 (0.700-0.830) | \
+0.784 (0.700-0.860) | 0.757 (0.670-0.840) |
+
+Threshold metrics at probability >= 0.5.
+
+| comparison | AUROC difference (95 % CI) | DeLong z | p |
+|---|---|---|---|
+| fused vs image only | +0.038 (-0.005 to +0.081) | 1.73 | 0.0839 |
+
+Reference:
+
+- bayes_auroc: 0.909
+"""
 
 
 def test_comparison_refuses_unpaired_cases(tmp_path):

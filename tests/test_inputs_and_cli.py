@@ -22,8 +22,7 @@ SLICE_STEP_MM = 2.5
 def _real_ct_slice() -> Path:
     """A real 512x512 CT slice shipped by the pydicom-data package (installed as ``data_store``)."""
     spec = importlib.util.find_spec("data_store")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("pydicom-data is not installed")
+    assert spec is not None and spec.submodule_search_locations, "pydicom-data (dev extra) is not installed"
     return Path(spec.submodule_search_locations[0]) / "data" / "693_UNCR.dcm"
 
 

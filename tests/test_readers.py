@@ -43,7 +43,7 @@ def shipped_file(name: str) -> Path:
     for root in roots:
         if (root / name).is_file():
             return root / name
-    pytest.skip(f"{name} is not shipped with the installed pydicom / pydicom-data")
+    pytest.fail(f"{name} is not shipped with the installed pydicom / pydicom-data (pinned in constraints.txt)")
 
 
 def raw_pixels(name: str) -> tuple[pydicom.Dataset, np.ndarray]:
@@ -617,7 +617,7 @@ def write_pyramid(
 @pytest.fixture(scope="module")
 def tissue() -> np.ndarray:
     """A real immunohistochemistry image (scikit-image), tiled to 768 x 1024."""
-    ski_data = pytest.importorskip("skimage.data")
+    import skimage.data as ski_data
     return np.ascontiguousarray(np.tile(ski_data.immunohistochemistry(), (2, 2, 1))[:768])
 
 

@@ -253,7 +253,7 @@ def test_read_volume_unreadable(tmp_path):
 
 
 def test_read_dicom_series_folder(tmp_path):
-    pydicom = pytest.importorskip("pydicom")
+    import pydicom
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
