@@ -98,6 +98,12 @@ class TrainingPlan:
             raise ValueError(f"{where}: 'num_folds' must be >= 1, got {num_folds}")
         return cls(tuple(parsed), {name: tuple(files) for name, files in variants.items()}, num_folds)
 
+    def is_complete(self, bundle_dir: str | os.PathLike) -> bool:
+        """Every config file the plan runs exists: the bundle can be trained (and gets a ``/train`` task)."""
+        files = {f for stage in self.stages for f in stage.config_file}
+        files |= {f for overlay in self.variants.values() for f in overlay}
+        return all((Path(bundle_dir) / f).is_file() for f in files)
+
     def steps(self, variants: Sequence[str] | None = None, folds: Sequence[int] | None = None) -> list[Step]:
         """Every step to run, for the chosen ``variants`` (default all) and ``folds`` (default all)."""
         chosen = list(self.variants) if not variants else list(variants)

@@ -73,3 +73,22 @@ def test_box_label_marks_the_cube_the_views_were_cut_from():
     extent = np.argwhere(mask)
     np.testing.assert_array_equal(extent.min(0), [20, 20, 18])
     np.testing.assert_array_equal(extent.max(0), [40, 30, 22])
+
+
+def test_training_reads_a_nifti_as_monai_and_the_server_do(tmp_path):
+    """ReadImaged (the server's reader) gives the array and affine MONAI's LoadImaged gives for NIfTI."""
+    import nibabel as nib
+    from monai.transforms import LoadImaged
+
+    from oncofusion.transforms.io import ReadImaged
+
+    affine = np.array([[-0.7, 0, 0, 90.0], [0, 0.8, 0, -20.0], [0, 0, 1.5, 33.0], [0, 0, 0, 1]])
+    volume = np.random.default_rng(0).integers(-1000, 1000, (9, 7, 5)).astype(np.int16)
+    path = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(volume, affine), str(path))
+    ours = ReadImaged("image", kind="volume")({"image": str(path), "label": 1})
+    monai_ = LoadImaged("image", image_only=True, ensure_channel_first=True)({"image": str(path)})
+    assert ours["label"] == 1 and ours["image"].dtype == monai_["image"].dtype == torch.float32
+    np.testing.assert_array_equal(ours["image"].numpy(), monai_["image"].numpy())
+    np.testing.assert_allclose(ours["image"].affine.numpy(), monai_["image"].affine.numpy())
+    np.testing.assert_array_equal(ours["image"][0].numpy(), volume)

@@ -103,3 +103,13 @@ def test_the_real_bundles_declare_plans_whose_configs_exist():
 def test_cli_train_names_a_bad_variant(tmp_path, capsys):
     assert cli_main(["train", "--bundle", str(_bundle(tmp_path)), "--variant", "fused"]) == 2
     assert "unknown variant(s) ['fused']" in capsys.readouterr().err
+
+
+def test_a_plan_is_complete_only_when_every_config_it_runs_exists(tmp_path):
+    bundle = _bundle(tmp_path)
+    plan = TrainingPlan.load(bundle)
+    for name in ("extract.json", "fit.json"):
+        (bundle / "configs" / name).write_text("{}")
+    assert not plan.is_complete(bundle)  # the image_only overlay is missing
+    (bundle / "configs" / "image_only.json").write_text("{}")
+    assert plan.is_complete(bundle)

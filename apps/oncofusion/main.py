@@ -9,7 +9,8 @@ This file only wires; the tasks live in :mod:`oncofusion.serving`. Configuration
 - ``device``: ``cpu`` / ``cuda`` / ``cuda:1`` (default: cuda when available)
 - ``max_epochs``: default epochs of a ``/train`` request (default: 50)
 - ``train_timeout``: seconds after which a training run is killed (default: 86400)
-- ``num_folds``: patient-level folds given to studies whose sidecar has no ``fold`` (default: 5)
+- ``num_folds``: patient-level folds given to studies whose sidecar has no ``fold``, for bundles whose
+  training plan names none (default: 5; a plan's ``num_folds`` wins)
 - ``runs``: where training runs are written (default: ``<app>/model/<bundle>/<timestamp>``)
 - ``always_label``: answer with an empty label when a model draws nothing (default: true; the 0.8.5
   client and Slicer cannot read a JSON-only answer)
@@ -51,6 +52,7 @@ from oncofusion.io.cache import ImageCache  # noqa: E402
 from oncofusion.serving.discovery import discover_bundles  # noqa: E402
 from oncofusion.serving.infer_task import BundleInferTask  # noqa: E402
 from oncofusion.serving.train_task import BundleTrainTask  # noqa: E402
+from oncofusion.training import TrainingPlan  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +128,7 @@ class OncoFusionApp(MONAILabelApp):
                 name=name,
             )
             for name, path in self.bundles.items()
-            if (path / "configs" / "train.json").is_file()
+            if TrainingPlan.load(path).is_complete(path)
         }
 
     def infer(self, request: dict[str, Any], datastore=None) -> dict[str, Any]:

@@ -21,7 +21,8 @@ def _classification(target: Target, predictions: Sequence[dict], output_dir: Pat
     if target.kind != "binary":
         raise ValueError(f"the classification report scores one positive class; a {target.kind} target with "
                          f"classes {list(getattr(target, 'class_names', []))} has no report yet")
-    return write_report(predictions, output_dir, data_description, score_key, num_bootstrap, extra=extra)
+    return write_report(predictions, output_dir, data_description, score_key, num_bootstrap, extra=extra,
+                        label_key=target.key)
 
 
 def _survival(target: Target, predictions: Sequence[dict], output_dir: Path, data_description: str,

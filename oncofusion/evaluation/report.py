@@ -50,6 +50,7 @@ def classification_report(predictions: Sequence[dict], data_description: str, sc
         "auroc": bootstrap(auroc, labels, scores, num_bootstrap, seed=seed).to_dict(),
         "auprc": bootstrap(auprc, labels, scores, num_bootstrap, seed=seed).to_dict(),
         "score": score_key,
+        "label": label_key,
         "calibration": calibration_curve(labels, scores, num_bins=10),
         **{name: section(predictions) for name, section in (extra or {}).items()},
     }
@@ -63,7 +64,7 @@ def plot_report(predictions: Sequence[dict], report: dict[str, Any], output_dir:
     import matplotlib.pyplot as plt
 
     output_dir = Path(output_dir)
-    labels, scores = labels_and_scores(predictions, report["score"])
+    labels, scores = labels_and_scores(predictions, report["score"], report.get("label", "label"))
     fpr, tpr = roc_curve(labels, scores)
     paths = [output_dir / "roc.png", output_dir / "calibration.png"]
     auc = report["auroc"]
@@ -88,11 +89,14 @@ def plot_report(predictions: Sequence[dict], report: dict[str, Any], output_dir:
 
 
 def write_report(predictions: Sequence[dict], output_dir: str | Path, data_description: str, score_key: str,
-                 num_bootstrap: int = 1000, extra: Extra | None = None) -> dict[str, Any]:
-    """``report.json``, ``roc.png`` and ``calibration.png`` in ``output_dir``; returns the report."""
+                 num_bootstrap: int = 1000, extra: Extra | None = None, label_key: str = "label") -> dict[str, Any]:
+    """``report.json``, ``roc.png`` and ``calibration.png`` in ``output_dir``; returns the report.
+
+    ``label_key``: the prediction key holding the true class index (the target's ``key``)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    report = classification_report(predictions, data_description, score_key, num_bootstrap, extra=extra)
+    report = classification_report(predictions, data_description, score_key, num_bootstrap, label_key=label_key,
+                                   extra=extra)
     (output_dir / "report.json").write_text(json.dumps(report, indent=2))
     plot_report(predictions, report, output_dir)
     auc = report["auroc"]

@@ -32,25 +32,27 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from oncofusion.contract import InputSpec, InvalidRequest
 from oncofusion.data.folds import assign_missing_folds
-from oncofusion.io.readers import image_affine
+from oncofusion.io.readers import image_affine, read_image
 from oncofusion.serving.infer_task import load_metadata
 from oncofusion.serving.request import parse_box, parse_points, read_sidecar
 from oncofusion.targets import Target
+from oncofusion.training import TrainingPlan
 
 logger = logging.getLogger(__name__)
 
 STATUS_FILE = "status.json"
 
 
-def sidecar_center_ijk(sidecar: dict[str, Any]) -> np.ndarray | None:
-    """The lesion centre of a sidecar: ``center_ijk``, else the centre of ``roi``, else of ``foreground``."""
+def sidecar_center_ijk(sidecar: dict[str, Any], dims: int = 3) -> np.ndarray | None:
+    """The lesion centre of a sidecar: ``center_ijk``, else the centre of ``roi``, else of ``foreground``,
+    with ``dims`` indices (those of the primary image)."""
     if sidecar.get("center_ijk") is not None:
-        points = parse_points(sidecar["center_ijk"], "center_ijk")
+        points = parse_points(sidecar["center_ijk"], "center_ijk", dims)
         return np.asarray(points, float).mean(axis=0) if points else None
-    box = parse_box(sidecar.get("roi"), "roi")
+    box = parse_box(sidecar.get("roi"), "roi", dims)
     if box is not None:
         return (np.asarray(box[0]) + np.asarray(box[1])) / 2.0
-    points = parse_points(sidecar.get("foreground"), "foreground")
+    points = parse_points(sidecar.get("foreground"), "foreground", dims)
     return np.asarray(points, float).mean(axis=0) if points else None
 
 
@@ -82,7 +84,9 @@ class BundleTrainTask(TrainTask):
         self.runs_dir = Path(runs_dir)
         self.max_epochs = int(max_epochs)
         self.timeout_s = float(timeout_s)
-        self.num_folds = int(num_folds)
+        # the plan's folds, when it has some, are the folds the bundle trains and reports out of fold
+        plan_folds = TrainingPlan.load(self.bundle_dir).num_folds
+        self.num_folds = plan_folds if plan_folds >= 2 else int(num_folds)
         super().__init__(self.metadata.get("description") or self.name)
 
     def _read_contract(self) -> tuple[Target, InputSpec]:
@@ -175,7 +179,7 @@ class BundleTrainTask(TrainTask):
     def _lesion(self, image_id: str, sidecar: dict[str, Any], image: str, with_world: bool) -> dict[str, Any] | None:
         """``center_ijk`` (and ``center_mm``) of the recorded lesion; None when the sidecar records none."""
         try:
-            center_ijk = sidecar_center_ijk(sidecar)
+            center_ijk = sidecar_center_ijk(sidecar, self.inputs.dimension)
         except InvalidRequest as e:
             raise InvalidRequest(f"sidecar of '{image_id}': {e}") from e
         if center_ijk is None:
@@ -183,8 +187,10 @@ class BundleTrainTask(TrainTask):
         lesion = {"center_ijk": [float(v) for v in center_ijk]}
         if with_world:
             # recomputed even when the sidecar has one: the image on disk is the reference
-            affine = image_affine(image)
-            lesion["center_mm"] = [float(v) for v in (affine @ np.append(center_ijk, 1.0))[:3]]
+            primary = self.inputs.primary
+            affine = (image_affine(image) if primary.reader == "volume"
+                      else np.asarray(read_image(image, primary.reader).affine, dtype=np.float64))
+            lesion["center_mm"] = [float(v) for v in (affine @ np.append(center_ijk, 1.0))[:-1]]
         return lesion
 
     def records(self, datastore: Datastore, with_world: bool = True) -> list[dict[str, Any]]:
