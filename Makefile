@@ -11,7 +11,7 @@ DEMO_DIR := sample_data/demo
 SAMPLE_CASES ?= 120
 BONE_CASES ?= 200
 
-.PHONY: setup sample-data demo-weights demo test test-fast bench lint clean
+.PHONY: setup sample-data demo-weights demo test test-fast bench lint clean mutation
 
 setup: $(VENV)/.installed
 
@@ -63,6 +63,27 @@ test-fast: setup
 bench: setup sample-data demo-weights
 	$(PY) -m bench.run
 	$(PY) -m bench.lidc_benchmark
+
+# Mutation testing of the core modules ([tool.mutmut] in pyproject.toml), from scratch each time: the
+# share of mutants killed per module and in total (timeouts count as killed), then the survivors; fails
+# under MUTATION_MIN percent. `mutmut show NAME` prints one mutant's diff.
+MUTATION_CHILDREN ?= 2
+MUTATION_MIN ?= 80
+mutation: setup
+	rm -rf mutants
+	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children $(MUTATION_CHILDREN)
+	@$(VENV)/bin/mutmut results --all true | awk -v min=$(MUTATION_MIN) ' \
+		{ name = $$1; sub(/:$$/, "", name); status = $$0; sub(/^[^:]*: /, "", status); \
+		  module = name; sub(/\.[^.]*$$/, "", module); total[module]++; all++; \
+		  if (status == "killed" || status == "timeout") { killed[module]++; dead++ } \
+		  else survivors = survivors "\n  " name ": " status } \
+		END { if (!all) { print "no mutants"; exit 1 } \
+		      print "survivors:" survivors "\n\nkilled / total"; \
+		      for (m in total) printf "  %-34s %5d / %5d  %5.1f %%\n", m, killed[m], total[m], \
+		          100 * killed[m] / total[m] | "sort"; \
+		      close("sort"); \
+		      printf "  %-34s %5d / %5d  %5.1f %%\n", "total", dead, all, 100 * dead / all; \
+		      exit (100 * dead < min * all) }'
 
 lint: setup
 	$(VENV)/bin/ruff check oncofusion apps bundles sample_data tests bench
