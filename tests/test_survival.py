@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 import warnings
 
+import lifelines  # the dev extra installs it: the reference the metrics are held to
 import numpy as np
 import pytest
 import torch
+from lifelines.statistics import logrank_test as lifelines_logrank
+from lifelines.statistics import multivariate_logrank_test
+from lifelines.utils import concordance_index as lifelines_concordance
 from statsmodels.duration.hazard_regression import PHReg
 
 from oncofusion.evaluation.report import SYNTHETIC_NOTE
@@ -22,11 +26,6 @@ from oncofusion.metrics.survival import (
     time_dependent_auc,
 )
 from oncofusion.targets import SurvivalTarget
-
-import lifelines  # noqa: E402  (the dev extra installs it: the reference the metrics are held to)
-from lifelines.statistics import logrank_test as lifelines_logrank  # noqa: E402
-from lifelines.statistics import multivariate_logrank_test  # noqa: E402
-from lifelines.utils import concordance_index as lifelines_concordance  # noqa: E402
 
 
 def _survival_data(seed: int, ties: bool = True):
