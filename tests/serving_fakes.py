@@ -88,6 +88,28 @@ class TwoImageMeanPredictor:
         return Prediction(result={name: float(images[name][0, i, j, k]) for name in ("image", "pet")})
 
 
+class WholeImageMeanPredictor:
+    """A model that reads whole images and takes no prompt: the image's mean intensity."""
+
+    config_options: dict[str, Any] = {}
+
+    def __init__(self, device: Any = "cpu"):
+        self.inputs = InputSpec(prompt=())
+
+    def predict(self, images: dict[str, torch.Tensor], roi: Roi | None, fields: dict[str, Any]) -> Prediction:
+        assert roi is None
+        return Prediction(result={"mean": float(images["image"].mean())})
+
+
+def make_whole_image_bundle(root: Path) -> Path:
+    bundle = make_fake_bundle(root, "whole_image")
+    config = json.loads((bundle / "configs" / "inference.json").read_text())
+    config["predictor"] = {"_target_": "tests.serving_fakes.WholeImageMeanPredictor", "device": "@device"}
+    config["inputs"] = {"_target_": "oncofusion.contract.InputSpec", "prompt": []}
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config, indent=2))
+    return bundle
+
+
 def make_two_image_bundle(root: Path) -> Path:
     """A bundle whose model reads two images, declared in its inference.json like a real one."""
     bundle = make_fake_bundle(root, "two_images")

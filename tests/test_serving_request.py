@@ -34,6 +34,7 @@ from tests.serving_fakes import (
     make_datastore,
     make_fake_bundle,
     make_two_image_bundle,
+    make_whole_image_bundle,
     volume_with_blob,
     write_nifti,
 )
@@ -362,6 +363,17 @@ def test_a_request_names_further_images_by_id_else_the_sidecar_does(tmp_path):
             task({**image, "images": images})
         assert e.value.status_code == status
     assert task.info()["dimension"] == 3
+
+
+def test_a_whole_image_model_says_that_it_did_not_use_the_click(tmp_path):
+    bundle = make_whole_image_bundle(tmp_path / "bundles")
+    image = write_nifti(tmp_path / "ct.nii.gz", volume_with_blob((12, 10, 8), 400.0))
+    task = BundleInferTask(bundle, ImageCache())
+    _, result = task({"image": str(image)})
+    assert result["mean"] == pytest.approx(400.0 * 125 / np.prod(SHAPE)) and "prompt_ignored" not in result
+    _, result = task({"image": str(image), "foreground": [[1, 2, 3]], "roi": [0, 1, 0, 1, 0, 1]})
+    assert result["prompt_ignored"] == "this model reads whole images; the foreground and roi sent was not used"
+    assert result["roi_center_ijk"] is None
 
 
 def test_infer_task_info_is_deepgrow_with_options(served):

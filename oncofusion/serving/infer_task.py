@@ -258,6 +258,7 @@ class BundleInferTask(InferTask):
         loaded = time.time()
 
         roi = None
+        ignored = [] if inputs.prompt else [k for k in ("foreground", "roi") if request.get(k) not in (None, [], "", "[]")]
         if inputs.prompt:
             roi = parse_roi(request, tuple(image.shape[1:]), lambda path: read_image(path, primary.reader),
                             inputs.prompt)
@@ -289,6 +290,8 @@ class BundleInferTask(InferTask):
                 },
             }
         )
+        if ignored:  # a whole-image model: say so rather than answer as if the click had been used
+            result["prompt_ignored"] = f"this model reads whole images; the {' and '.join(ignored)} sent was not used"
         self._persist(image_id, result)
         logger.info(
             "%s: prediction in %.2fs (load %.2fs)",
