@@ -255,3 +255,13 @@ def test_delong_interval_is_the_normal_interval_clipped_to_the_unit_range():
     labels, scores = [0, 1, 0, 1, 0, 1], np.array([0.9, 0.1, 0.8, 0.2, 0.3, 0.7])
     assert delong_interval(labels, scores) == pytest.approx((1 / 9, 0.0, 0.4190897387443729))
     assert delong_interval(labels, -scores) == pytest.approx((8 / 9, 0.5809102612556272, 1.0))
+
+
+@pytest.mark.parametrize("labels", [[0.7, 1, 0, 0.2], [0, 1.9, 1, 0]])
+def test_fractional_labels_are_refused_not_truncated(labels):
+    scores = [0.1, 0.8, 0.6, 0.3]
+    with pytest.raises(ValueError, match="labels must be 0 or 1"):
+        auroc(np.array(labels), np.array(scores))
+    with pytest.raises(ValueError, match="labels must be 0 or 1"):
+        delong_test(np.array(labels), np.array(scores), np.array(scores[::-1]))
+    assert auroc(np.array([0.0, 1.0, 1.0, 0.0]), np.array(scores)) == 1.0  # whole floats are classes

@@ -227,3 +227,12 @@ def test_blank_request_values_let_the_sidecar_through():
 def test_target_keys_stay_private_but_a_request_may_still_send_them():
     fields = merge_fields({"os": 3}, {"os": 12.0, "event": 1, "age": 5}, {}, target_keys=["os", "event"])
     assert fields == {"os": 3, "age": 5}
+
+
+def test_blank_form_fields_are_no_prompt_not_invalid_json():
+    """Form clients send untouched fields as empty strings: they mean "not given"."""
+    assert decode_param("", "foreground") is None and decode_param(b"  ", "roi") is None
+    roi = parse_roi({"foreground": "[[1, 2, 3]]", "roi": "", "background": ""}, (8, 8, 8))
+    assert roi.points == [(1.0, 2.0, 3.0)] and roi.box is None and roi.background == []
+    with pytest.raises(InvalidRequest, match="no lesion given"):
+        parse_roi({"foreground": "", "roi": ""}, (8, 8, 8))

@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 import pytest
+from lifelines.utils import concordance_index as lifelines_concordance
 
 from oncofusion.metrics.classification import Estimate
 from oncofusion.metrics.survival import (
@@ -16,9 +17,6 @@ from oncofusion.metrics.survival import (
     logrank_test,
     time_dependent_auc,
 )
-
-lifelines = pytest.importorskip("lifelines")
-from lifelines.utils import concordance_index as lifelines_concordance  # noqa: E402
 
 # six cases with a censoring tied to the first event: G(1) = 0.8, G(2) = 0.8, G(4) = 0.8 * 2/3
 TIME = np.array([1.0, 1.0, 2.0, 3.0, 4.0, 5.0])

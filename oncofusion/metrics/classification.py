@@ -14,13 +14,13 @@ from scipy.stats import rankdata
 
 
 def _check_binary(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    labels = np.asarray(labels).astype(int).ravel()
+    raw = np.asarray(labels).ravel()
     scores = np.asarray(scores, dtype=np.float64).ravel()
-    if labels.shape != scores.shape:
-        raise ValueError(f"{labels.size} labels but {scores.size} scores")
-    if not set(np.unique(labels)) <= {0, 1}:
+    if raw.shape != scores.shape:
+        raise ValueError(f"{raw.size} labels but {scores.size} scores")
+    if not set(np.unique(raw).tolist()) <= {0, 1}:  # checked before any cast: 0.7 is not a class
         raise ValueError("labels must be 0 or 1")
-    return labels, scores
+    return raw.astype(int), scores
 
 
 def auroc(labels: np.ndarray, scores: np.ndarray) -> float:

@@ -73,7 +73,7 @@ def delong_test(labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray,
     Identical rankings have zero variance of the difference: the p-value is then 1 (no evidence of a
     difference), not NaN.
     """
-    labels = np.asarray(labels).astype(int).ravel()
+    labels = np.asarray(labels).ravel()  # placement_values checks the classes before any cast
     aucs, covariance = delong_covariance(labels, scores_a, scores_b)
     difference = float(aucs[0] - aucs[1])
     variance = float(covariance[0, 0] + covariance[1, 1] - 2.0 * covariance[0, 1])

@@ -76,9 +76,12 @@ def _fmt_shape(shape: Sequence[int]) -> str:
 
 
 def decode_param(value: Any, name: str) -> Any:
-    """Accept a parameter either as JSON-decoded data or as a JSON string."""
+    """Accept a parameter either as JSON-decoded data or as a JSON string; a blank string is "not given"
+    (form clients send untouched fields as ``""``)."""
     if isinstance(value, str | bytes):
         text = value.decode() if isinstance(value, bytes) else value
+        if not text.strip():
+            return None
         try:
             return json.loads(text)
         except json.JSONDecodeError as e:
