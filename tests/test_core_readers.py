@@ -7,14 +7,12 @@ from pathlib import Path
 import nibabel as nib
 import nrrd
 import numpy as np
-import pydicom
 import pytest
 from monai.utils import SpaceKeys
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from oncofusion.contract import InvalidRequest
 from oncofusion.io.readers import _reason, image_affine, read_image, read_volume
+from tests.dicom_series import write_ct_series
 
 AFFINE = np.array([[2.0, 0, 0, -10], [0, 3.0, 0, 5], [0, 0, 4.0, 1], [0, 0, 0, 1]])
 
@@ -24,27 +22,6 @@ def _nifti(path: Path, array: np.ndarray) -> Path:
     return path
 
 
-def _series(folder: Path, rows: int = 4, cols: int = 5, slices: int = 3) -> Path:
-    folder.mkdir()
-    series, study = generate_uid(), generate_uid()
-    for k in range(slices):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study, series, "CT"
-        ds.Rows, ds.Columns, ds.PixelSpacing, ds.SliceThickness = rows, cols, [0.7, 0.8], 2.0
-        ds.ImagePositionPatient, ds.ImageOrientationPatient = [-10, -20, 2.0 * k], [1, 0, 0, 0, 1, 0]
-        ds.InstanceNumber, ds.SamplesPerPixel, ds.PhotometricInterpretation = k + 1, 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
-        ds.PixelData = np.full((rows, cols), k, np.int16).tobytes()
-        ds.is_little_endian, ds.is_implicit_VR = True, False
-        ds.save_as(folder / f"slice{k}.dcm", write_like_original=False)
-    assert pydicom.dcmread(folder / "slice0.dcm").Rows == rows
-    return folder
 
 
 def _refusal(call, *args, **kwargs) -> InvalidRequest:
@@ -63,7 +40,7 @@ def test_a_nifti_volume_carries_its_file_shape_and_no_channel(tmp_path):
 
 
 def test_a_dicom_series_carries_its_affine_twice_and_ras_space(tmp_path):
-    image = read_volume(_series(tmp_path / "series"))
+    image = read_volume(write_ct_series(tmp_path / "series"))
     assert image.meta["space"] == SpaceKeys.RAS
     np.testing.assert_allclose(np.asarray(image.meta["original_affine"]), image.affine.numpy())
     np.testing.assert_array_equal(image.meta["spatial_shape"], [5, 4, 3])

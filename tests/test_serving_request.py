@@ -28,6 +28,7 @@ from oncofusion.serving.request import (
     request_fields,
 )
 from oncofusion.serving.train_task import BundleTrainTask
+from tests.dicom_series import write_ct_series
 from tests.serving_fakes import (
     AFFINE,
     SHAPE,
@@ -254,30 +255,8 @@ def test_read_volume_unreadable(tmp_path):
 
 
 def test_read_dicom_series_folder(tmp_path):
-    import pydicom
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
     rows, cols, slices = 4, 5, 3
-    series, study = generate_uid(), generate_uid()
-    for k in range(slices):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study, series, "CT"
-        ds.Rows, ds.Columns, ds.PixelSpacing, ds.SliceThickness = rows, cols, [0.7, 0.8], 2.0
-        ds.ImagePositionPatient, ds.ImageOrientationPatient = [-10, -20, 2.0 * k], [1, 0, 0, 0, 1, 0]
-        ds.InstanceNumber, ds.SamplesPerPixel, ds.PhotometricInterpretation = k + 1, 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
-        pixels = (np.arange(rows * cols).reshape(rows, cols) + 100 * k).astype(np.int16)
-        ds.PixelData = pixels.tobytes()
-        ds.is_little_endian, ds.is_implicit_VR = True, False
-        ds.save_as(tmp_path / f"slice{k}.dcm", write_like_original=False)
-    assert pydicom.dcmread(tmp_path / "slice0.dcm").Rows == rows
+    write_ct_series(tmp_path, rows, cols, slices, pixels=lambda k: np.arange(rows * cols).reshape(rows, cols) + 100 * k)
 
     image = read_volume(tmp_path)
     # Slicer's IJK for a DICOM series: I = column, J = row, K = slice
