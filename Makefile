@@ -24,10 +24,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 sample-data: $(DEMO_DIR)/.ready
 
-$(SAMPLE_DIR)/manifest.json: | setup
+$(SAMPLE_DIR)/manifest.json: sample_data/generate_lung.py sample_data/common.py | setup
 	$(PY) -m sample_data.generate_lung --out $(SAMPLE_DIR) --num-cases $(SAMPLE_CASES) --seed 0
 
-$(BONE_DIR)/manifest.json: | setup
+$(BONE_DIR)/manifest.json: sample_data/generate_bone.py sample_data/common.py | setup
 	$(PY) -m sample_data.generate_bone --out $(BONE_DIR) --num-cases $(BONE_CASES) --seed 0
 
 # one MONAI Label datastore holding every bundle's sample studies (links, no copies)

@@ -137,11 +137,27 @@ def step_command(step: Step, overrides: Mapping[str, Any], bundle_dir: Path) -> 
     return command
 
 
+def die_with_parent() -> None:
+    """Ask Linux to kill the calling process when its parent dies (``PR_SET_PDEATHSIG``).
+
+    A training run outlived a killed server and kept writing weights; with this as a child's
+    ``preexec_fn`` (or called by the child itself) the whole chain server -> task -> run stops together.
+    Elsewhere it does nothing: the parent's own cleanup is all there is.
+    """
+    if sys.platform != "linux":
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
 def _run_subprocess(command: list[str], cwd: Path) -> int:
     env = dict(os.environ)
     repo = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH", "")) if p)
-    return subprocess.call(command, cwd=cwd, env=env)
+    return subprocess.call(command, cwd=cwd, env=env, preexec_fn=die_with_parent)
 
 
 def run_plan(bundle_dir: str | os.PathLike, overrides: Mapping[str, Any] | None = None,

@@ -58,6 +58,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_SHAPE = (96, 96, 64)
 DEFAULT_SPACING = (0.8, 0.8, 1.5)
 LABEL_NAMES = {0: "chondroid", 1: "osteoid"}
+#: the bundle these studies are for: their sidecars say so, for a datastore shared with other bundles
+BUNDLE = "bone_tumor_matrix"
 DESCRIPTION = (
     "SYNTHETIC CT-like volumes of a long bone with one matrix-forming tumor each, and a synthetic clinical "
     "table; not patient data. Label 1 = osteoid (cloud-like matrix), 0 = chondroid (rings, arcs, popcorn "
@@ -415,9 +417,10 @@ def generate(
             "label_meaning": "1 = osteoid (osteogenic), 0 = chondroid (chondrogenic) matrix mineralization",
             **clinical_record(clinical, i),
             "synthetic": True,
+            "bundle": BUNDLE,  # this bundle's study in a datastore shared with other bundles' (make demo)
         }
         (datastore / "sidecars" / f"{task.case_id}.json").write_text(json.dumps(sidecar, indent=2))
-        row = {k: v for k, v in sidecar.items() if k not in ("label_meaning", "synthetic")}
+        row = {k: v for k, v in sidecar.items() if k not in ("label_meaning", "synthetic", "bundle")}
         row.update({
             "image": f"datastore/{task.case_id}.nii.gz",
             "fold": int(folds[i]),

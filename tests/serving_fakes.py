@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -125,10 +126,11 @@ def make_two_image_bundle(root: Path) -> Path:
 class FakeTrainer:
     """What a bundle's ``train.json`` ``trainer`` does, in miniature: read the datalist, write a model."""
 
-    def __init__(self, datalist_file: str, max_epochs: int, output_dir: str):
+    def __init__(self, datalist_file: str, max_epochs: int, output_dir: str, ckpt_dir: str | None = None):
         self.datalist_file = datalist_file
         self.max_epochs = int(max_epochs)
         self.output_dir = Path(output_dir)
+        self.ckpt_dir = Path(ckpt_dir) if ckpt_dir else None
 
     def run(self) -> None:
         # read the datalist the way the real bundles do: it is a case manifest
@@ -141,6 +143,9 @@ class FakeTrainer:
             "center_mm": [r["center_mm"] for r in records],
         }
         (self.output_dir / "model.json").write_text(json.dumps(summary))
+        if self.ckpt_dir is not None:  # a "checkpoint", where real bundles put theirs
+            (self.ckpt_dir / "fold0").mkdir(parents=True, exist_ok=True)
+            (self.ckpt_dir / "fold0" / "model.json").write_text(json.dumps(summary))
         print(f"fake training done: {summary['records']} records, {self.max_epochs} epochs", flush=True)
 
 
@@ -162,6 +167,7 @@ def make_fake_bundle(root: Path, name: str = "fake_nodule") -> Path:
         "bundle_root": ".",
         "device": "$torch.device('cpu')",
         "target": {"_target_": "oncofusion.targets.BinaryTarget", "class_names": ["benign", "malignant"]},
+        "inputs": {"_target_": "oncofusion.contract.InputSpec", "texts": ["report"]},
         "predictor": {
             "_target_": "tests.serving_fakes.SphereMeanPredictor",
             "radius": 2.0,
@@ -175,11 +181,13 @@ def make_fake_bundle(root: Path, name: str = "fake_nodule") -> Path:
         "datalist_file": "",
         "max_epochs": 1,
         "output_dir": "$@bundle_root + '/models'",
+        "ckpt_dir": "$@bundle_root + '/models'",
         "trainer": {
             "_target_": "tests.serving_fakes.FakeTrainer",
             "datalist_file": "@datalist_file",
             "max_epochs": "@max_epochs",
             "output_dir": "@output_dir",
+            "ckpt_dir": "@ckpt_dir",
         },
         "run": ["$@trainer.run()"],
     }
@@ -234,3 +242,24 @@ def status_and_detail(error: MONAILabelClientException) -> tuple[int, str]:
     except ValueError:
         pass
     return int(match.group(1)), str(body)
+
+
+class SlowPredictor(SphereMeanPredictor):
+    """A model that takes ``delay_s`` per click: for the concurrency tests."""
+
+    def __init__(self, delay_s: float = 1.0, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.delay_s = delay_s
+
+    def predict(self, images, roi, fields) -> Prediction:
+        time.sleep(self.delay_s)
+        return super().predict(images, roi, fields)
+
+
+def make_slow_bundle(root: Path, delay_s: float) -> Path:
+    bundle = make_fake_bundle(root, "slow")
+    config = json.loads((bundle / "configs" / "inference.json").read_text())
+    config["predictor"]["_target_"] = "tests.serving_fakes.SlowPredictor"
+    config["predictor"]["delay_s"] = delay_s
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config, indent=2))
+    return bundle

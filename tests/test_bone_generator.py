@@ -40,7 +40,7 @@ from tests.bone_helpers import TINY_SHAPE, TINY_SPACING
 pytest_plugins = ["tests.conftest_bone"]
 
 SIDECAR_KEYS = {"case_id", "patient_id", "center_ijk", "center_mm", "roi", "label", "label_name", "label_meaning",
-                "sex", "age", "location", "fracture", "synthetic"}
+                "sex", "age", "location", "fracture", "synthetic", "bundle"}
 MANIFEST_CASE_KEYS = {"case_id", "patient_id", "image", "center_ijk", "center_mm", "roi", "label", "label_name",
                       "sex", "age", "location", "fracture", "fold", "oracle"}
 

@@ -37,6 +37,7 @@ MANIFEST_CASE_KEYS = {
     "fold",
 }
 SIDECAR_KEYS = {
+    "bundle",
     "case_id",
     "patient_id",
     "center_ijk",

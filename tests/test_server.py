@@ -175,5 +175,10 @@ def test_train_rejects_then_runs_in_background(client, server):
     assert model["epochs"] == 2 and model["records"] == 2 and model["labels"] == [0, 1]
     np.testing.assert_allclose(model["center_mm"][0], (AFFINE @ [12, 10, 8, 1])[:3], atol=1e-4)
     status = json.loads((runs[-1].parent / "status.json").read_text())
-    assert status["status"] == "DONE" and status["records"] == 2
+    assert status["status"] == "DONE" and status["records"] == 2 and status["published"] == "yes"
     assert client.info()["train_stats"][MODEL]["status"] == "DONE"
+    # the run's checkpoints are served through the swapped link; the bundle's own models are untouched
+    current = server["root"] / "runs" / MODEL / "current"
+    assert current.is_symlink() and current.resolve() == (runs[-1].parent / "models").resolve()
+    assert (current / "fold0" / "model.json").is_file()
+    assert not (server["root"] / "bundles" / MODEL / "models").exists()

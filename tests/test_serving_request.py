@@ -27,7 +27,7 @@ from oncofusion.serving.request import (
     read_sidecar,
     request_fields,
 )
-from oncofusion.serving.train_task import BundleTrainTask
+from oncofusion.serving.train_task import BundleTrainTask, publish
 from tests.dicom_series import write_ct_series
 from tests.serving_fakes import (
     AFFINE,
@@ -437,6 +437,14 @@ def test_train_task_records_and_checks(tmp_path):
     np.testing.assert_allclose(bright["center_mm"], (AFFINE @ [12, 10, 8, 1])[:3], atol=1e-4)
     assert Path(bright["image"]).name == "case_bright.nii.gz"
 
+    # a study another bundle owns is not this bundle's, whatever its sidecar holds
+    dim = json.loads((studies / "sidecars" / "case_dim.json").read_text())
+    (studies / "sidecars" / "case_dim.json").write_text(json.dumps({**dim, "bundle": "bone_tumor_matrix"}))
+    with pytest.raises(InvalidRequest, match="1 labelled studies found"):
+        task.check(datastore)
+    (studies / "sidecars" / "case_dim.json").write_text(json.dumps({**dim, "bundle": ["x", "fake_nodule"]}))
+    assert [r["case_id"] for r in task.check(datastore)] == ["case_bright", "case_dim"]
+
     (studies / "sidecars" / "case_dim.json").write_text(json.dumps({"label": 1, "center_ijk": [8, 6, 5]}))
     with pytest.raises(InvalidRequest, match="all 2 labelled studies fall in one binary stratum .1.; at least 2"):
         task.check(datastore)
@@ -448,6 +456,32 @@ def test_train_task_records_and_checks(tmp_path):
         task.check(datastore)
     with pytest.raises(InvalidRequest, match="'max_epochs' must be a positive integer, got 'many'"):
         task({"max_epochs": "many"}, datastore)
+
+
+def test_publish_swaps_the_served_checkpoints_in_one_step(tmp_path):
+    first, second = tmp_path / "run1" / "models", tmp_path / "run2" / "models"
+    for run in (first, second):
+        (run / "fold0").mkdir(parents=True)
+        (run / "fold0" / "model.pt").write_text(run.parent.name)
+    link = tmp_path / "current"
+    publish(first, link)
+    assert (link / "fold0" / "model.pt").read_text() == "run1"
+    publish(second, link)
+    assert (link / "fold0" / "model.pt").read_text() == "run2" and link.is_symlink()
+    assert (first / "fold0" / "model.pt").read_text() == "run1"  # the previous run is kept, not overwritten
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "run1", "run2"]  # no temp link left
+
+
+def test_infer_task_serves_the_published_checkpoints(tmp_path):
+    bundle = make_fake_bundle(tmp_path / "bundles")
+    link = tmp_path / "runs" / "current"
+    task = BundleInferTask(bundle, ImageCache(), published=link)
+    assert task._checkpoints_dir() == bundle / "models"
+    assert task._parser().get("ckpt_dir") is None
+    (tmp_path / "runs" / "r1" / "models").mkdir(parents=True)
+    publish(tmp_path / "runs" / "r1" / "models", link)
+    assert task._checkpoints_dir() == (tmp_path / "runs" / "r1" / "models").resolve()
+    assert task._parser().get("ckpt_dir") == str((tmp_path / "runs" / "r1" / "models").resolve())
 
 
 def test_discover_bundles(tmp_path):

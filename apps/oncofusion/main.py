@@ -14,6 +14,12 @@ This file only wires; the tasks live in :mod:`oncofusion.serving`. Configuration
 - ``runs``: where training runs are written (default: ``<app>/model/<bundle>/<timestamp>``)
 - ``always_label``: answer with an empty label when a model draws nothing (default: true; the 0.8.5
   client and Slicer cannot read a JSON-only answer)
+- ``infer_workers``: inferences run at once, off the event loop (default: 1)
+- ``max_upload_mb``: largest request body, an uploaded study included (default: 1024)
+- ``max_params_kb`` / ``max_text_chars``: largest ``params`` form field (256) and text value in it (20000)
+- ``cors_origins``: comma list of origins a browser page served elsewhere may call from (default: none)
+- ``auth_public_key``: PEM file of the token-signing key, with ``MONAI_LABEL_AUTH_ENABLE=true``
+  (default: none; see README.md)
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import torch
 from fastapi import HTTPException
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.train import TrainTask
 
@@ -49,9 +56,12 @@ _ensure_importable(REPO_ROOT)
 
 from oncofusion.contract import InvalidRequest  # noqa: E402
 from oncofusion.io.cache import ImageCache  # noqa: E402
+from oncofusion.serving.datastore import DurableLocalDatastore  # noqa: E402
 from oncofusion.serving.discovery import discover_bundles  # noqa: E402
+from oncofusion.serving.hardening import harden, settings_from_conf  # noqa: E402
+from oncofusion.serving.identifiers import check_identifier  # noqa: E402
 from oncofusion.serving.infer_task import BundleInferTask  # noqa: E402
-from oncofusion.serving.train_task import BundleTrainTask  # noqa: E402
+from oncofusion.serving.train_task import PUBLISHED_LINK, BundleTrainTask  # noqa: E402
 from oncofusion.training import TrainingPlan  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -89,6 +99,7 @@ class OncoFusionApp(MONAILabelApp):
         local = not studies.startswith(("http://", "https://"))
         self.sidecar_dir = Path(studies) / "sidecars" if local else None
         logger.info("serving bundles: %s", ", ".join(self.bundles) or "none")
+        self._hardened = False
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -97,6 +108,21 @@ class OncoFusionApp(MONAILabelApp):
             description="Multimodal cancer prediction (image + report + clinical fields) from a click",
             version="0.1.0",
         )
+
+    def init_datastore(self) -> Datastore:
+        """Stock's local datastore with crash-safe writes (a kill mid-save used to leave the datastore file
+        empty and the server unable to start); remote (DICOMweb, XNAT, DSA) studies stay stock."""
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        return DurableLocalDatastore(
+            self.studies,
+            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
+    def _runs_dir(self) -> Path:
+        return Path(self.conf["runs"]) if self.conf.get("runs") else Path(self.app_dir) / "model"
 
     def init_infers(self) -> dict[str, InferTask]:
         return {
@@ -108,6 +134,7 @@ class OncoFusionApp(MONAILabelApp):
                 device=self.conf.get("device"),
                 name=name,
                 always_label=self.conf.get("always_label", "true").lower() in ("1", "true", "yes"),
+                published=self._runs_dir() / name / PUBLISHED_LINK,
             )
             for name, path in self.bundles.items()
             if (path / "configs" / "inference.json").is_file()
@@ -116,7 +143,7 @@ class OncoFusionApp(MONAILabelApp):
     def init_trainers(self) -> dict[str, TrainTask]:
         if self.sidecar_dir is None:
             return {}
-        runs = Path(self.conf["runs"]) if self.conf.get("runs") else Path(self.app_dir) / "model"
+        runs = self._runs_dir()
         return {
             name: BundleTrainTask(
                 path,
@@ -131,32 +158,51 @@ class OncoFusionApp(MONAILabelApp):
             if TrainingPlan.load(path).is_complete(path)
         }
 
-    def infer(self, request: dict[str, Any], datastore=None) -> dict[str, Any]:
-        """Stock inference, with the user's mistakes answered as 4xx naming the problem.
+    def server_mode(self, mode: bool) -> None:
+        """MONAI Label calls this once the app serves HTTP: put the guard and the app's own routes in front
+        of the stock endpoints (train subprocesses re-create the app without serving, and skip this)."""
+        super().server_mode(mode)
+        if mode and not self._hardened:
+            from monailabel.app import app as fastapi_app
+            from monailabel.config import settings as monailabel_settings
 
-        Nothing is written to the datastore unless the prediction succeeded: stock MONAI Label saves
-        only after the task returns, and the task persists its JSON as its very last step.
+            hardening = settings_from_conf(self.conf, monailabel_settings.MONAI_LABEL_AUTH_ENABLE)
+            harden(fastapi_app, hardening, private_roots=[self.studies] if self.sidecar_dir else [])
+            self._hardened = True
+
+    def infer(self, request: dict[str, Any], datastore=None) -> dict[str, Any]:
+        """Run one model on one study; the user's mistakes are answered as 4xx naming the problem.
+
+        Replaces the stock method, which took any existing server path for a study and any string for a
+        label tag. ``image`` is a datastore id; ``image_upload`` a file the endpoint received (an upload or
+        a session), never a path a client chose. Nothing is written unless the prediction succeeded.
         """
         model = request.get("model")
-        if model not in self._infers:
-            raise HTTPException(
-                404, f"unknown model '{model}'; available: {', '.join(self._infers) or 'none'}"
-            )
-        image = request.get("image")
-        if isinstance(image, str):
-            datastore = datastore or self.datastore()
-            if not image:
-                raise HTTPException(400, "no image given: pass ?image=<image id>")
-            if not os.path.exists(image) and not datastore.get_image_uri(image):
-                logger.info("rejected %s request: unknown image id", model)
-                raise HTTPException(404, f"image '{image}' is not in the datastore")
-            # the task needs the id the client used (sidecar, persisted prediction); stock replaces it
-            request = {**request, "image_id": image}
+        task = self._infers.get(model)
+        if task is None:
+            raise HTTPException(404, f"unknown model '{model}'; available: {', '.join(self._infers) or 'none'}")
+        datastore = datastore or self.datastore()
+        request = dict(request)
+        upload = request.pop("image_upload", None)
         try:
-            return super().infer(request, datastore)
+            tag = check_identifier(request.get("label_tag") or "original", "'label_tag'")
+            if upload:
+                request.update(image=upload, image_id=None, save_label=False)
+            else:
+                image_id = check_identifier(request.get("image") or "", "'image'") if request.get("image") else ""
+                if not image_id:
+                    raise InvalidRequest("no image given: pass ?image=<image id>")
+                uri = datastore.get_image_uri(image_id)
+                if not uri:
+                    raise InvalidRequest(f"image '{image_id}' is not in the datastore", 404)
+                request.update(image=uri, image_id=image_id)
+            label_file, result = task(request)
         except InvalidRequest as e:
-            logger.info("rejected %s request: %s", model, e)
             raise HTTPException(status_code=e.status_code, detail=str(e)) from e
+        label_id = label_file
+        if label_file and request.get("save_label") and not upload:
+            label_id = datastore.save_label(request["image_id"], label_file, tag, {"model": model, "params": result})
+        return {"label": label_id, "tag": tag, "file": label_file, "params": result}
 
     def bundle_path(self, model: str | None) -> str | None:
         """Refuse a train request that cannot work, before MONAI Label starts its background run.

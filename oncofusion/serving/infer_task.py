@@ -32,7 +32,8 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from oncofusion.contract import InputSpec, InvalidRequest, Prediction, Predictor
 from oncofusion.io.cache import ImageCache
 from oncofusion.io.readers import read_image
-from oncofusion.serving.request import decode_param, merge_fields, parse_roi, read_sidecar
+from oncofusion.serving.identifiers import check_identifier
+from oncofusion.serving.request import check_known_fields, decode_param, merge_fields, parse_roi, read_sidecar
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +123,9 @@ class BundleInferTask(InferTask):
     The predictor is built on first use, so starting the server (and every train subprocess, which
     re-creates the app) does not load weights it may never need.
 
+    ``published``: link to the checkpoints a training run published (see
+    :mod:`~oncofusion.serving.train_task`); while it does not exist the bundle's ``models/`` are served.
+
     ``always_label``: answer with an empty label volume when the predictor draws nothing. The MONAI
     Label 0.8.5 client (also bundled in the Slicer plugin) parses a JSON-only ``/infer`` answer as
     bytes and fails, so a multipart answer with a label file is the one every client reads.
@@ -136,8 +140,10 @@ class BundleInferTask(InferTask):
         device: str | torch.device | None = None,
         name: str | None = None,
         always_label: bool = True,
+        published: str | os.PathLike | None = None,
     ):
         self.bundle_dir = Path(bundle_dir).resolve()
+        self.published = Path(published) if published else None
         self.name = name or self.bundle_dir.name
         self.metadata = load_metadata(self.bundle_dir)
         self.version = str(self.metadata.get("version", ""))
@@ -180,8 +186,15 @@ class BundleInferTask(InferTask):
                     self._signature, self._build_error = signature, None
         return self._predictor
 
+    def _checkpoints_dir(self) -> Path:
+        """The checkpoints served: the last published training run's (a link swapped atomically), else the
+        bundle's own ``models/``."""
+        if self.published is not None and self.published.exists():
+            return self.published.resolve()
+        return self.bundle_dir / "models"
+
     def _models_signature(self) -> tuple[tuple[str, int, int], ...]:
-        models = self.bundle_dir / "models"
+        models = self._checkpoints_dir()
         if not models.is_dir():
             return ()
         files = (p for p in models.rglob("*") if p.is_file())
@@ -192,6 +205,8 @@ class BundleInferTask(InferTask):
         parser.read_config(str(self.config_path))
         parser["bundle_root"] = str(self.bundle_dir)
         parser["device"] = self.device
+        if self.published is not None and self.published.exists():
+            parser["ckpt_dir"] = str(self._checkpoints_dir())
         return parser
 
     def _read_contract(self) -> tuple[InputSpec, tuple[str, ...]]:
@@ -263,7 +278,9 @@ class BundleInferTask(InferTask):
             roi = parse_roi(request, tuple(image.shape[1:]), lambda path: read_image(path, primary.reader),
                             inputs.prompt)
         predictor = self.predictor
-        fields = merge_fields(request, sidecar, getattr(predictor, "config_options", {}) or {}, self.target_keys)
+        options = getattr(predictor, "config_options", {}) or {}
+        check_known_fields(request, self._known_fields(options), self.name)
+        fields = merge_fields(request, sidecar, options, self.target_keys)
         prediction: Prediction = predictor.predict(images, roi, fields)
         predicted = time.time()
 
@@ -301,6 +318,11 @@ class BundleInferTask(InferTask):
         )
         return label_file, result
 
+    def _known_fields(self, options: dict[str, Any]) -> set[str]:
+        """Parameter names this model reads: its options, declared texts and clinical fields."""
+        declared = self.inputs.fields.names if self.inputs.fields is not None else ()
+        return {*options, *self.inputs.texts, *declared}
+
     def _other_images(self, request: dict[str, Any], sidecar: dict[str, Any]) -> dict[str, Any]:
         """The non-primary image inputs: datastore ids from the request's ``images``, else the sidecar's."""
         requested = decode_param(request.get("images"), "images") or {}
@@ -321,6 +343,7 @@ class BundleInferTask(InferTask):
         """A datastore id -> its file; without a datastore (the command line) the reference is a path."""
         if self.datastore is None:
             return ref
+        check_identifier(ref, f"image for input '{input_name}'")
         uri = self.datastore.get_image_uri(ref)
         if not uri:
             raise InvalidRequest(f"image '{ref}' for input '{input_name}' is not in the datastore", 404)

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -26,16 +27,18 @@ def free_port() -> int:
 class LocalServer:
     """``monailabel start_server`` for this repository's app as a subprocess, bound to 127.0.0.1.
 
-    Use as a context manager; ``conf`` becomes ``--conf key value`` pairs. Waits (bounded) until
+    Use as a context manager; ``conf`` becomes ``--conf key value`` pairs, ``env`` is added to the
+    environment (e.g. ``MONAI_LABEL_AUTH_ENABLE``). Waits (bounded) until
     ``/info/`` answers and always stops the server and its children on exit.
     """
 
     def __init__(self, studies: str | Path, work_dir: str | Path, conf: dict[str, str] | None = None,
-                 start_timeout_s: float = 180.0):
+                 start_timeout_s: float = 180.0, env: dict[str, str] | None = None):
         self.studies = Path(studies)
         self.work_dir = Path(work_dir)
         self.conf = dict(conf or {})
         self.start_timeout_s = start_timeout_s
+        self.env = dict(env or {})
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.work_dir / "server.log"
@@ -54,7 +57,7 @@ class LocalServer:
         path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT,
-                                        env={**os.environ, "PYTHONPATH": path}, cwd=self.work_dir)
+                                        env={**os.environ, **self.env, "PYTHONPATH": path}, cwd=self.work_dir)
         try:
             self._wait_until_up()
         except BaseException:
@@ -74,6 +77,9 @@ class LocalServer:
                 with urllib.request.urlopen(f"{self.url}/info/", timeout=5) as response:
                     if response.status == 200:
                         return
+            except urllib.error.HTTPError as e:
+                if e.code in (401, 403):  # up, with authentication on
+                    return
             except OSError:
                 pass
             if time.time() > deadline:

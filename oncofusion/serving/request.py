@@ -18,7 +18,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +55,13 @@ RESERVED_KEYS = frozenset(
         "images",
         "roi",
         "label",
+        "label_name",
+        "image_upload",
     }
 )
+
+#: parameters 3D Slicer and OHIF send for their own bookkeeping: accepted and not passed to a model
+CLIENT_KEYS = frozenset({"slice", "reset_state", "restore_label_idx", "label_info", "largest_cc", "client_id"})
 
 #: sidecar keys that never reach a predictor: ``label``/``label_name`` are the training target (the
 #: answer), the rest is the ROI used for training, while at inference the ROI is the user's click.
@@ -234,8 +239,18 @@ def parse_roi(
 
 
 def request_fields(request: Mapping[str, Any]) -> dict[str, Any]:
-    """The request parameters meant for the model (MONAI Label's own keys and the ROI removed)."""
-    return {k: v for k, v in request.items() if k not in RESERVED_KEYS}
+    """The request parameters meant for the model (MONAI Label's, the clients' own keys and the ROI removed)."""
+    return {k: v for k, v in request.items() if k not in RESERVED_KEYS | CLIENT_KEYS}
+
+
+def check_known_fields(request: Mapping[str, Any], known: Iterable[str], model: str) -> None:
+    """Refuse parameters the model does not read (a typo, or another model's form), listing them: ignored
+    silently, a misspelt clinical value would leave the prediction on the sidecar's or the default."""
+    known = set(known)
+    unknown = sorted(k for k in request_fields(request) if k not in known)
+    if unknown:
+        accepted = ", ".join(sorted(known)) or "none"
+        raise InvalidRequest(f"model '{model}' does not read parameter(s) {unknown}; it reads: {accepted}")
 
 
 def sidecar_path(sidecar_dir: str | os.PathLike, image_id: str) -> Path | None:

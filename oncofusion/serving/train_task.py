@@ -10,6 +10,13 @@ MONAI Label runs ``/train`` in a background subprocess of its own (``monailabel.
 which re-creates the app and calls this task; the task runs the bundle's training plan
 (:mod:`oncofusion.training`, the same ``python -m oncofusion.cli train`` a researcher runs) in one more
 subprocess with a time limit, so neither the server nor a stuck run can hang forever.
+
+Training cannot hurt serving: a run writes only into its own folder (``<runs>/<timestamp>/models``),
+never into the bundle's committed weights; when it finishes and a predictor builds from its
+checkpoints, it is *published* by swapping the ``<runs>/current`` link in one atomic step, which the
+infer task follows. Every process of the chain dies with its parent, so a killed server leaves no run
+behind. In a datastore holding several bundles' studies, a study whose sidecar names a ``bundle`` is
+used by that bundle only.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from monai.bundle import ConfigParser
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
@@ -36,11 +44,36 @@ from oncofusion.io.readers import image_affine, read_image
 from oncofusion.serving.infer_task import load_metadata
 from oncofusion.serving.request import parse_box, parse_points, read_sidecar
 from oncofusion.targets import Target
-from oncofusion.training import TrainingPlan
+from oncofusion.training import TrainingPlan, die_with_parent
 
 logger = logging.getLogger(__name__)
 
 STATUS_FILE = "status.json"
+#: link under a bundle's runs folder to the checkpoints the server serves
+PUBLISHED_LINK = "current"
+
+
+def belongs_to(sidecar: dict[str, Any], bundle: str) -> bool:
+    """A study is a bundle's when its sidecar names that bundle (``bundle``: a name or a list), or names
+    none (a datastore of one bundle's studies needs no tag)."""
+    tagged = sidecar.get("bundle")
+    if tagged is None:
+        return True
+    return bundle in (tagged if isinstance(tagged, list) else [tagged])
+
+
+def publish(models_dir: Path, link: Path) -> None:
+    """Point ``link`` at ``models_dir`` in one step (``os.replace`` of a symlink): a reader sees the old
+    checkpoints or the new ones, never a half-written folder."""
+    temporary = link.with_name(f".{link.name}.{os.getpid()}")
+    temporary.unlink(missing_ok=True)
+    temporary.symlink_to(os.path.relpath(models_dir, link.parent))
+    os.replace(temporary, link)
+    folder = os.open(link.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def sidecar_center_ijk(sidecar: dict[str, Any], dims: int = 3) -> np.ndarray | None:
@@ -119,6 +152,7 @@ class BundleTrainTask(TrainTask):
             return {}
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+        die_with_parent()  # this process is MONAI Label's task runner: it goes when the server goes
         max_epochs = self._positive_int(request.get("max_epochs", self.max_epochs), "max_epochs")
         timeout_s = float(request.get("timeout_s", self.timeout_s))
         records = self.check(datastore, with_world=True)
@@ -143,6 +177,7 @@ class BundleTrainTask(TrainTask):
             "--datalist-file", str(datalist_file),
             "--max-epochs", str(max_epochs),
             "--output-dir", str(run_dir),
+            "--ckpt-dir", str(run_dir / "models"),
         ]  # fmt: skip
         status = {
             "model": self.name,
@@ -166,6 +201,8 @@ class BundleTrainTask(TrainTask):
                 "end_ts": time.strftime("%Y-%m-%d %H:%M:%S"),
             }
         )
+        if returncode == 0:
+            status["published"] = self._publish(run_dir / "models")
         self._write_status(run_dir, status)
         if returncode != 0:
             # raising makes MONAI Label's background task end as ERROR with this message in its details
@@ -174,6 +211,23 @@ class BundleTrainTask(TrainTask):
                 f"training {self.name} {why}; see {run_dir / 'train.log'}:\n" + "\n".join(tail)
             )
         return status
+
+    def _publish(self, models_dir: Path) -> str:
+        """Serve the run's checkpoints if a predictor builds from them; say what happened."""
+        if not models_dir.is_dir() or not any(p.is_file() for p in models_dir.rglob("*")):
+            return "no: the run wrote no checkpoints"
+        parser = ConfigParser()
+        parser.read_config(str(self.bundle_dir / "configs" / "inference.json"))
+        parser.update({"bundle_root": str(self.bundle_dir), "ckpt_dir": str(models_dir),
+                       "device": torch.device("cpu")})
+        try:
+            parser.get_parsed_content("predictor")
+        except Exception as e:  # the served model stays as it was
+            logger.error("%s: not publishing %s: no predictor builds from it (%s)", self.name, models_dir, e)
+            return f"no: no predictor builds from the checkpoints ({type(e).__name__})"
+        publish(models_dir, self.runs_dir / PUBLISHED_LINK)
+        logger.info("%s: published %s", self.name, models_dir)
+        return "yes"
 
     # -- datalist ------------------------------------------------------------------------------------
     def _lesion(self, image_id: str, sidecar: dict[str, Any], image: str, with_world: bool) -> dict[str, Any] | None:
@@ -202,14 +256,14 @@ class BundleTrainTask(TrainTask):
         records: list[dict[str, Any]] = []
         for image_id in sorted(datastore.list_images()):
             sidecar = read_sidecar(self.sidecar_dir, image_id)
-            if any(sidecar.get(key) is None for key in self.target.keys):
-                continue  # not labelled
+            if not belongs_to(sidecar, self.name) or any(sidecar.get(key) is None for key in self.target.keys):
+                continue  # another bundle's study, or not labelled
             try:
                 truth = self.target.parse({"case_id": image_id, **sidecar})
             except ValueError as e:
                 raise InvalidRequest(f"sidecar of '{image_id}': {e}") from e
             image = datastore.get_image_uri(image_id)
-            record = {k: v for k, v in sidecar.items() if k not in ("roi", "foreground")}
+            record = {k: v for k, v in sidecar.items() if k not in ("roi", "foreground", "bundle")}
             lesion = self._lesion(image_id, sidecar, image, with_world)
             if lesion is None and self.inputs.prompt:
                 logger.warning("%s: sidecar has a target but no center_ijk/roi; skipped", image_id)
@@ -273,6 +327,7 @@ class BundleTrainTask(TrainTask):
             text=True,
             env=env,
             cwd=str(self.bundle_dir),
+            preexec_fn=die_with_parent,
         )
         timed_out = threading.Event()
 
