@@ -11,7 +11,7 @@ DEMO_DIR := sample_data/demo
 SAMPLE_CASES ?= 120
 BONE_CASES ?= 200
 
-.PHONY: setup sample-data demo-weights demo test test-fast bench lint clean mutation
+.PHONY: setup sample-data demo-weights demo test test-fast bench stress lint clean mutation
 
 setup: $(VENV)/.installed
 
@@ -63,6 +63,16 @@ test-fast: setup
 bench: setup sample-data demo-weights
 	$(PY) -m bench.run
 	$(PY) -m bench.lidc_benchmark
+
+# The server under attack and bad luck, against live servers: the hostile-request corpus, 32 concurrent
+# inferences while /info is timed, kill -9 during saves, RSS over mixed requests (bench/results/*.json)
+STRESS_KILLS ?= 30
+STRESS_REQUESTS ?= 500
+stress: setup sample-data demo-weights
+	$(PY) -m bench.corpus
+	$(PY) -m bench.load --concurrent 32
+	$(PY) -m bench.kill_loop --kills $(STRESS_KILLS)
+	$(PY) -m bench.memory --requests $(STRESS_REQUESTS)
 
 # Mutation testing of the core modules ([tool.mutmut] in pyproject.toml), from scratch each time: the
 # share of mutants killed per module and in total (timeouts count as killed), then the survivors; fails
