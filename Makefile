@@ -55,7 +55,7 @@ demo: setup sample-data demo-weights
 		--conf models all --host $(HOST) --port $(PORT)
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -rs tests
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not server" tests

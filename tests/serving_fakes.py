@@ -263,3 +263,31 @@ def make_slow_bundle(root: Path, delay_s: float) -> Path:
     config["predictor"]["delay_s"] = delay_s
     (bundle / "configs" / "inference.json").write_text(json.dumps(config, indent=2))
     return bundle
+
+
+class MarkerProbe:
+    """Reports what lies under the click: the voxel value and the voxel's world position (RAS mm).
+
+    For the geometry tests: a click at a marker's viewer IJK must read the marker."""
+
+    label_names = ["lesion"]
+    config_options: dict[str, Any] = {}
+
+    def __init__(self, device: Any = "cpu", bundle_root: str = ""):
+        self.device = device
+
+    def predict(self, images: dict[str, torch.Tensor], roi: Roi, fields: dict[str, Any]) -> Prediction:
+        image = images["image"]
+        ijk = [int(round(c)) for c in roi.center()]
+        world = np.asarray(image.affine, dtype=np.float64) @ [*ijk, 1.0]
+        return Prediction(result={"value": float(image[0][tuple(ijk)]), "voxel_mm": world[:3].tolist(),
+                                  "shape": list(image.shape[1:])})
+
+
+def make_marker_bundle(root: Path) -> Path:
+    bundle = make_fake_bundle(root, "marker")
+    config = json.loads((bundle / "configs" / "inference.json").read_text())
+    config["predictor"] = {"_target_": "tests.serving_fakes.MarkerProbe", "device": "@device"}
+    config["inputs"] = {"_target_": "oncofusion.contract.InputSpec", "prompt": ["points"]}
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config, indent=2))
+    return bundle

@@ -7,7 +7,6 @@ Every expectation is a known pixel value or a known world position, never the re
 from __future__ import annotations
 
 import importlib.util
-import uuid
 import warnings
 from pathlib import Path
 
@@ -30,20 +29,20 @@ from scipy import ndimage
 from oncofusion.contract import InvalidRequest
 from oncofusion.io.readers import READERS, image_affine, read_frame, read_image, read_volume
 from oncofusion.io.slides import DEFAULT_TILE_CACHE_BYTES, SlideImage, open_slide
-
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
-def shipped_file(name: str) -> Path:
-    """A file shipped with pydicom (``test_files``) or pydicom-data (``data_store/data``)."""
-    roots = [Path(pydicom.__file__).parent / "data" / "test_files"]
-    spec = importlib.util.find_spec("data_store")
-    if spec is not None and spec.submodule_search_locations:
-        roots.append(Path(list(spec.submodule_search_locations)[0]) / "data")
-    for root in roots:
-        if (root / name).is_file():
-            return root / name
-    pytest.fail(f"{name} is not shipped with the installed pydicom / pydicom-data (pinned in constraints.txt)")
+from tests.dicom_series import (
+    COL_SPACING,
+    LPS_TO_RAS,
+    MARKER_COL,
+    MARKER_ROW,
+    MARKER_STORED,
+    ROW_SPACING,
+    SERIES_CASES,
+    TAG_STORED,
+    marker_world_ras,
+    orientation,
+    shipped_file,
+    write_marker_series,
+)
 
 
 def raw_pixels(name: str) -> tuple[pydicom.Dataset, np.ndarray]:
@@ -54,78 +53,15 @@ def raw_pixels(name: str) -> tuple[pydicom.Dataset, np.ndarray]:
 
 
 # -- DICOM series: order by position along the normal ------------------------------------------------
-ROW_SPACING, COL_SPACING = 0.6, 0.8  # anisotropic, so swapped axes cannot pass
-MARKER_ROW, MARKER_COL, MARKER_STORED = 40, 70, 4000
-TAG_STORED = 3000  # pixel (0, 0) of each slice holds TAG_STORED + its rank along the normal
-
-
-def _orientation(alpha_deg: float = 0.0, beta_deg: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    a, b = np.radians(alpha_deg), np.radians(beta_deg)
-    row = np.array([np.cos(a), np.sin(a), 0.0])
-    col = np.array([-np.sin(a) * np.cos(b), np.cos(a) * np.cos(b), np.sin(b)])
-    return row, col
-
-
-def write_ct_series(
-    folder: Path,
-    positions: np.ndarray,
-    instance_numbers: list[int],
-    marker_slice: int,
-    row_cos: np.ndarray,
-    col_cos: np.ndarray,
-) -> None:
-    """A real CT slice (pydicom's CT_small) restacked at ``positions`` (LPS mm), files named at random,
-    with a bright marker on slice ``marker_slice`` and a rank tag on every slice."""
-    template = shipped_file("CT_small.dcm")
-    normal = np.cross(row_cos, col_cos)
-    ranks = np.argsort(np.argsort(positions @ normal))
-    series_uid = generate_uid()
-    for index, (position, number) in enumerate(zip(positions, instance_numbers, strict=True)):
-        ds = pydicom.dcmread(template)
-        pixels = ds.pixel_array.copy()
-        pixels[0, 0] = TAG_STORED + ranks[index]
-        if index == marker_slice:
-            pixels[MARKER_ROW, MARKER_COL] = MARKER_STORED
-        ds.PixelData = pixels.astype(np.int16).tobytes()
-        ds.SeriesInstanceUID = series_uid
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.InstanceNumber = number
-        ds.ImagePositionPatient = [round(float(v), 6) for v in position]
-        ds.ImageOrientationPatient = [round(float(v), 6) for v in (*row_cos, *col_cos)]
-        ds.PixelSpacing = [ROW_SPACING, COL_SPACING]
-        if "SliceLocation" in ds:
-            del ds.SliceLocation
-        ds.save_as(folder / f"{uuid.uuid4().hex}.dcm")
-
-
-def _marker_world_ras(position: np.ndarray, row_cos: np.ndarray, col_cos: np.ndarray) -> np.ndarray:
-    lps = position + MARKER_COL * COL_SPACING * row_cos + MARKER_ROW * ROW_SPACING * col_cos
-    return (LPS_TO_RAS @ [*lps, 1.0])[:3]
-
-
-SERIES_CASES = {
-    # head first, InstanceNumber shuffled against position
-    "shuffled": dict(angles=(0, 0), steps=[0, 2.5, 5, 7.5, 10], numbers=[3, 1, 5, 2, 4], marker=1, tilt=0.0),
-    # feet first: InstanceNumber grows while z decreases
-    "feet_first": dict(
-        angles=(0, 0), steps=[0, -2.5, -5, -7.5, -10], numbers=[1, 2, 3, 4, 5], marker=3, tilt=0.0
-    ),
-    # oblique plane, InstanceNumber shuffled
-    "oblique": dict(angles=(30, 20), steps=[6, 0, 12, 3, 9], numbers=[2, 5, 1, 4, 3], marker=0, tilt=0.0),
-    # tilted gantry: slice origins shift along the column direction
-    "tilted": dict(angles=(0, 0), steps=[0, 2.5, 5, 7.5, 10], numbers=[5, 4, 3, 2, 1], marker=2, tilt=0.4),
-}
-
-
 @pytest.mark.parametrize("case", list(SERIES_CASES))
 def test_dicom_series_marker_lands_at_its_world_position(tmp_path, case):
     spec = SERIES_CASES[case]
-    row_cos, col_cos = _orientation(*spec["angles"])
+    row_cos, col_cos = orientation(*spec["angles"])
     normal = np.cross(row_cos, col_cos)
     origin = np.array([-158.1, -179.0, -75.7])
     steps = np.asarray(spec["steps"], float)
     positions = origin + steps[:, None] * normal + (steps[:, None] / 2.5) * spec["tilt"] * col_cos
-    write_ct_series(tmp_path, positions, spec["numbers"], spec["marker"], row_cos, col_cos)
+    write_marker_series(tmp_path, positions, spec["numbers"], spec["marker"], row_cos, col_cos)
 
     volume = read_volume(tmp_path)
     assert tuple(volume.shape) == (1, 128, 128, 5)  # (1, columns, rows, slices)
@@ -136,7 +72,7 @@ def test_dicom_series_marker_lands_at_its_world_position(tmp_path, case):
     affine = volume.affine.numpy()
     world = (affine @ [i, j, k, 1.0])[:3]
     np.testing.assert_allclose(
-        world, _marker_world_ras(positions[spec["marker"]], row_cos, col_cos), atol=1e-3
+        world, marker_world_ras(positions[spec["marker"]], row_cos, col_cos), atol=1e-3
     )
     # every slice sits at its rank along the normal, and K runs along +normal
     np.testing.assert_array_equal(array[0, 0, :], TAG_STORED - 1024 + np.arange(5))
@@ -147,9 +83,9 @@ def test_dicom_series_marker_lands_at_its_world_position(tmp_path, case):
 
 
 def _axial_series(folder: Path, z: list[float]) -> None:
-    row_cos, col_cos = _orientation()
+    row_cos, col_cos = orientation()
     positions = np.array([[-10.0, -20.0, v] for v in z])
-    write_ct_series(folder, positions, list(range(1, len(z) + 1)), 0, row_cos, col_cos)
+    write_marker_series(folder, positions, list(range(1, len(z) + 1)), 0, row_cos, col_cos)
 
 
 def _edit_one(folder: Path, edit) -> None:
