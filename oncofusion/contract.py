@@ -20,7 +20,9 @@ import numpy as np
 #: reader kinds an image input may declare, with the spatial dimension each one yields
 READER_DIMS: dict[str, int] = {"volume": 3, "frame": 2, "slide": 2}
 
-PROMPT_KINDS = ("points", "box", "mask")
+#: how a user may point at the lesion: clicks, a box, a mask; ``background``: negative clicks (only a model
+#: that uses them declares it, for the others they are refused rather than ignored)
+PROMPT_KINDS = ("points", "box", "mask", "background")
 
 
 class InvalidRequest(ValueError):
@@ -105,6 +107,10 @@ class Roi:
     Indices have the image's spatial dimension: (i, j, k) on a volume, (i, j) on a 2D frame. Exactly one
     of ``mask``, ``box``, ``points`` locates the lesion, in this order of preference; ``background``
     holds negative clicks for models that use them.
+
+    Of several clicks the **last** is the lesion: 3D Slicer and OHIF send every click placed on the
+    segment so far, and the latest is the one the user just made (two clicks on two lesions must not be
+    averaged to a point between them).
     """
 
     points: list[Point] = field(default_factory=list)
@@ -123,7 +129,7 @@ class Roi:
         return None
 
     def center(self) -> np.ndarray:
-        """The lesion centre in index coordinates: mask centroid, box centre, or mean of the clicks."""
+        """The lesion centre in index coordinates: mask centroid, box centre, or the last click."""
         if self.mask is not None:
             idx = np.argwhere(self.mask > 0)
             if idx.size == 0:
@@ -132,7 +138,7 @@ class Roi:
         if self.box is not None:
             return (np.asarray(self.box[0], float) + np.asarray(self.box[1], float)) / 2.0
         if self.points:
-            return np.asarray(self.points, float).mean(axis=0)
+            return np.asarray(self.points[-1], float)
         raise InvalidRequest("no lesion given: send a 'foreground' point, an 'roi' box or a label mask")
 
 

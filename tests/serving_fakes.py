@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import nibabel as nib
+import nrrd
 import numpy as np
 import torch
 from monailabel.client.client import MONAILabelClientException
@@ -291,3 +292,18 @@ def make_marker_bundle(root: Path) -> Path:
     config["inputs"] = {"_target_": "oncofusion.contract.InputSpec", "prompt": ["points"]}
     (bundle / "configs" / "inference.json").write_text(json.dumps(config, indent=2))
     return bundle
+
+
+def read_label_file(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """A returned label as (array, RAS affine), from NIfTI or NRRD (read back independently of the writer:
+    nibabel, or pynrrd's header in LPS)."""
+    path = Path(path)
+    if path.suffix == ".nrrd":
+        data, header = nrrd.read(str(path), index_order="F")
+        assert header["space"] == "left-posterior-superior"
+        lps = np.eye(4)
+        lps[:3, : data.ndim] = np.asarray(header["space directions"], float).T
+        lps[:3, 3] = header["space origin"]
+        return data, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    image = nib.load(str(path))
+    return np.asarray(image.dataobj), image.affine

@@ -18,7 +18,7 @@ from oncofusion.contract import (
 
 def test_reader_kinds_and_their_dimensions():
     assert READER_DIMS == {"volume": 3, "frame": 2, "slide": 2}
-    assert PROMPT_KINDS == ("points", "box", "mask")
+    assert PROMPT_KINDS == ("points", "box", "mask", "background")
 
 
 @pytest.mark.parametrize("reader, dims", [("volume", 3), ("frame", 2), ("slide", 2)])
@@ -55,7 +55,7 @@ def test_input_spec_primary_is_the_first_image_and_sets_the_dimension():
     ({"images": ()}, "a model needs at least one image input"),
     ({"images": (ImageInput("ct"), ImageInput("ct", "frame"))}, "image input names must be unique, got ['ct', 'ct']"),
     ({"prompt": ("points", "scribble", "lasso")},
-     "unknown prompt kind(s) ['scribble', 'lasso']: use ['points', 'box', 'mask']"),
+     "unknown prompt kind(s) ['scribble', 'lasso']: use ['points', 'box', 'mask', 'background']"),
 ])
 def test_input_spec_refusals_say_what_is_wrong(kwargs, message):
     with pytest.raises(ValueError) as e:
@@ -100,10 +100,10 @@ def test_roi_center_of_a_box_is_its_middle():
     np.testing.assert_allclose(center, [3.0, 6.0, 3.5])
 
 
-def test_roi_center_of_clicks_is_their_mean():
+def test_roi_center_of_clicks_is_the_last_click():
     center = Roi(points=[(1, 2, 3), (2, 4, 4)]).center()
     assert center.dtype == np.float64
-    np.testing.assert_allclose(center, [1.5, 3.0, 3.5])
+    np.testing.assert_allclose(center, [2.0, 4.0, 4.0])  # not the midpoint between two lesions
 
 
 def test_roi_center_refuses_an_empty_mask_and_an_empty_roi():

@@ -11,7 +11,9 @@ import torch
 from oncofusion.contract import InvalidRequest
 from oncofusion.serving.request import (
     check_inside,
+    contradictions,
     decode_param,
+    field_sources,
     merge_fields,
     parse_box,
     parse_points,
@@ -111,9 +113,18 @@ def test_a_box_that_misses_the_image_is_refused(flat, shown):
 def test_refused_prompts_are_all_named():
     request = {"foreground": [[1, 1, 1]], "roi": [0, 1, 0, 1, 0, 1]}
     assert _message(parse_roi, request, SHAPE, kinds=("mask",)) == (
-        "this model takes no points or box prompt; it accepts mask")
+        "this model does not use clicks or a box; it accepts a mask")
     assert _message(parse_roi, {"foreground": "[[1, 1, 1]]"}, SHAPE, kinds=("box", "mask")) == (
-        "this model takes no points prompt; it accepts box, mask")
+        "this model does not use clicks; it accepts a box, a mask")
+
+
+def test_negative_clicks_are_refused_unless_the_model_uses_them():
+    request = {"foreground": [[1, 1, 1]], "background": [[2, 2, 2]]}
+    assert _message(parse_roi, request, SHAPE, kinds=("points", "box")) == (
+        "this model does not use negative (background) clicks; it accepts clicks, a box")
+    roi = parse_roi(request, SHAPE, kinds=("points", "background"))
+    assert roi.background == [(2.0, 2.0, 2.0)]
+    assert parse_roi({**request, "background": []}, SHAPE, kinds=("points",)).background == []
 
 
 def test_an_empty_prompt_of_a_kind_not_taken_is_no_prompt():
@@ -236,3 +247,19 @@ def test_blank_form_fields_are_no_prompt_not_invalid_json():
     assert roi.points == [(1.0, 2.0, 3.0)] and roi.box is None and roi.background == []
     with pytest.raises(InvalidRequest, match="no lesion given"):
         parse_roi({"foreground": "", "roi": ""}, (8, 8, 8))
+
+
+# -- where fields come from, and values that contradict the study's record ------------------------------
+def test_each_field_names_its_source():
+    sources = field_sources({"age": "15", "sex": "", "foreground": [[1, 1, 1]]},
+                            {"sex": "female", "report": "r", "label": 1, "bundle": "bone"},
+                            {"age": 50, "sex": "unknown", "fracture": "no"})
+    assert sources == {"age": "request", "sex": "sidecar", "report": "sidecar", "fracture": "default"}
+
+
+def test_a_request_value_that_contradicts_the_sidecar_is_warned_about():
+    sidecar = {"age": 63, "sex": "F", "location": "metaphysis", "label": 1}
+    assert contradictions({"age": "63", "sex": "f", "location": ""}, sidecar) == []  # same, as Slicer sends it
+    (warning,) = contradictions({"age": "14", "sex": "F", "label": 0}, sidecar)
+    assert warning.startswith("'age' sent as '14' but the study records 63")
+    assert contradictions({"age": 14}, {}) == []  # nothing recorded, nothing to contradict

@@ -15,7 +15,14 @@ from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
 from oncofusion.serving.launcher import LocalServer
-from tests.serving_fakes import AFFINE, SHAPE, make_datastore, make_fake_bundle, status_and_detail
+from tests.serving_fakes import (
+    AFFINE,
+    SHAPE,
+    make_datastore,
+    make_fake_bundle,
+    read_label_file,
+    status_and_detail,
+)
 
 pytestmark = pytest.mark.server
 
@@ -78,10 +85,11 @@ def test_infer_click_returns_label_and_json(client):
     assert result["model"] == MODEL and result["model_version"] == "0.0.1"
     assert result["report"] == "case_bright: solid nodule"  # merged from the study's sidecar
     assert set(result["latencies"]) == {"load", "predict", "write", "total"}
-    label = nib.load(label_file)
+    assert label_file.endswith(".nrrd")  # the format Slicer (and OHIF) asked for
+    label, affine = read_label_file(label_file)
     assert label.shape == SHAPE
-    np.testing.assert_allclose(label.affine, AFFINE, atol=1e-5)
-    assert label.get_fdata()[12, 10, 8] == 1
+    np.testing.assert_allclose(affine, AFFINE, atol=1e-5)
+    assert label[12, 10, 8] == 1
 
     # form-encoded JSON params, a single point; nothing drawn still answers with an (empty) label, the
     # only answer the 0.8.5 client (and Slicer's copy of it) can parse

@@ -7,7 +7,6 @@ import os
 import time
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -36,6 +35,7 @@ from tests.serving_fakes import (
     make_fake_bundle,
     make_two_image_bundle,
     make_whole_image_bundle,
+    read_label_file,
     volume_with_blob,
     write_nifti,
 )
@@ -96,7 +96,7 @@ def test_prompts_take_the_dimension_of_the_image():
 
 
 def test_prompt_kinds_a_model_does_not_take_are_refused():
-    with pytest.raises(InvalidRequest, match="takes no box prompt; it accepts points"):
+    with pytest.raises(InvalidRequest, match="does not use a box; it accepts clicks"):
         parse_roi({"foreground": [[1, 2, 3]], "roi": [0, 4, 0, 4, 0, 4]}, (8, 8, 8), kinds=("points",))
     with pytest.raises(InvalidRequest, match=r"no lesion given: send an 'roi' box \[i0, i1, j0, j1\]$"):
         parse_roi({}, (8, 8), kinds=("box",))
@@ -384,10 +384,11 @@ def test_infer_task_predicts_writes_label_and_persists(served):
         assert "label" not in result["fields"] and "patient_id" in result["fields"]
         json.dumps(result)  # numpy values were converted
 
-        label = nib.load(label_file)
-        assert label.shape == SHAPE and label.get_data_dtype() == np.uint8
-        np.testing.assert_allclose(label.affine, AFFINE)
-        assert label.get_fdata()[12, 10, 8] == 1 and label.get_fdata()[0, 0, 0] == 0
+        assert label_file.endswith(".nrrd")  # as asked
+        label, affine = read_label_file(label_file)
+        assert label.shape == SHAPE and label.dtype == np.uint8
+        np.testing.assert_allclose(affine, AFFINE, atol=1e-9)
+        assert label[12, 10, 8] == 1 and label[0, 0, 0] == 0
     finally:
         os.unlink(label_file)
 

@@ -16,13 +16,11 @@ import copy
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import torch
 from monai.bundle import ConfigParser
@@ -33,7 +31,16 @@ from oncofusion.contract import InputSpec, InvalidRequest, Prediction, Predictor
 from oncofusion.io.cache import ImageCache
 from oncofusion.io.readers import read_image
 from oncofusion.serving.identifiers import check_identifier
-from oncofusion.serving.request import check_known_fields, decode_param, merge_fields, parse_roi, read_sidecar
+from oncofusion.serving.request import (
+    check_known_fields,
+    contradictions,
+    decode_param,
+    field_sources,
+    merge_fields,
+    parse_roi,
+    read_sidecar,
+)
+from oncofusion.serving.writers import label_extension, write_label
 
 logger = logging.getLogger(__name__)
 
@@ -81,40 +88,6 @@ def to_jsonable(value: Any) -> Any:
     if isinstance(value, float | int | str | bool) or value is None:
         return value
     return str(value)
-
-
-def _affine_4x4(affine: np.ndarray) -> np.ndarray:
-    """A 2D image's 3x3 affine embedded in NIfTI's 4x4 (the third axis: 1 mm, through the origin)."""
-    affine = np.asarray(affine, dtype=np.float64)
-    if affine.shape == (4, 4):
-        return affine
-    dims = affine.shape[0] - 1
-    full = np.eye(4)
-    full[:dims, :dims] = affine[:dims, :dims]
-    full[:dims, 3] = affine[:dims, dims]
-    return full
-
-
-def write_label(label: np.ndarray | torch.Tensor, affine: np.ndarray, shape: tuple[int, ...]) -> str:
-    """Write a label on the image grid (2D or 3D) as NIfTI with the image's affine; return the temp path."""
-    array = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
-    while array.ndim > len(shape) and array.shape[0] == 1:
-        array = array[0]
-    if tuple(array.shape) != tuple(shape):
-        raise RuntimeError(
-            f"predictor returned a label of shape {array.shape}, expected the image shape {shape}"
-        )
-    dtype = np.uint8 if array.min() >= 0 and array.max() <= 255 else np.int16
-    # NIfTI stores voxels in Fortran order: a Fortran-ordered array is written without a transpose,
-    # which on a 512x512x300 label is most of the write time
-    array = np.asfortranarray(array.astype(dtype, copy=False))
-    image = nib.Nifti1Image(array, _affine_4x4(affine))
-    image.set_qform(image.affine, code=1)
-    image.set_sform(image.affine, code=1)
-    fd, path = tempfile.mkstemp(suffix=".nii.gz", prefix="oncofusion_label_")
-    os.close(fd)
-    nib.save(image, path)
-    return path
 
 
 class BundleInferTask(InferTask):
@@ -264,6 +237,8 @@ class BundleInferTask(InferTask):
     def __call__(self, request: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
         """Run one prediction; ``request["image"]`` is a path, ``request["image_id"]`` the datastore id."""
         start = time.time()
+        extension = label_extension(request)  # refused before any work
+        compress = str(request.get("result_compress", True)).lower() not in ("false", "0")
         image_id = request.get("image_id")
         inputs = self.inputs
         primary = inputs.primary
@@ -289,7 +264,7 @@ class BundleInferTask(InferTask):
         if label is None and self.always_label:
             label = np.zeros(tuple(image.shape[1:]), np.uint8)
         if label is not None:
-            label_file = write_label(label, image.affine.cpu().numpy(), tuple(image.shape[1:]))
+            label_file = write_label(label, image.affine.cpu().numpy(), tuple(image.shape[1:]), extension, compress)
         written = time.time()
 
         result = to_jsonable(dict(prediction.result))
@@ -299,6 +274,7 @@ class BundleInferTask(InferTask):
                 "model": self.name,
                 "model_version": self.version,
                 "roi_center_ijk": [round(float(v), 2) for v in roi.center()] if roi is not None else None,
+                "field_sources": field_sources(request, sidecar, options, self.target_keys),
                 "latencies": {
                     "load": round(loaded - start, 3),
                     "predict": round(predicted - loaded, 3),
@@ -307,6 +283,11 @@ class BundleInferTask(InferTask):
                 },
             }
         )
+        warnings = contradictions(request, sidecar, self.target_keys)
+        if roi is not None and roi.mask is None and roi.box is None and len(roi.points) > 1:
+            warnings.append(f"{len(roi.points)} clicks sent: the last one, {list(roi.points[-1])}, is the lesion")
+        if warnings:
+            result["warnings"] = warnings
         if ignored:  # a whole-image model: say so rather than answer as if the click had been used
             result["prompt_ignored"] = f"this model reads whole images; the {' and '.join(ignored)} sent was not used"
         self._persist(image_id, result)

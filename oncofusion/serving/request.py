@@ -64,8 +64,9 @@ RESERVED_KEYS = frozenset(
 CLIENT_KEYS = frozenset({"slice", "reset_state", "restore_label_idx", "label_info", "largest_cc", "client_id"})
 
 #: sidecar keys that never reach a predictor: ``label``/``label_name`` are the training target (the
-#: answer), the rest is the ROI used for training, while at inference the ROI is the user's click.
-SIDECAR_PRIVATE_KEYS = frozenset({"label", "label_name", "center_ijk", "center_mm", "roi", "foreground"})
+#: answer), ``bundle`` says which bundle trains on the study, the rest is the ROI used for training,
+#: while at inference the ROI is the user's click.
+SIDECAR_PRIVATE_KEYS = frozenset({"label", "label_name", "center_ijk", "center_mm", "roi", "foreground", "bundle"})
 
 
 def _fmt(value: float) -> str:
@@ -208,6 +209,10 @@ def read_mask(
     return mask_np
 
 
+#: prompt kinds as a user names them
+KIND_NAMES = {"points": "clicks", "box": "a box", "mask": "a mask", "background": "negative (background) clicks"}
+
+
 def parse_roi(
     request: Mapping[str, Any], shape: Sequence[int], reader: Callable[..., Any] = read_volume,
     kinds: Sequence[str] = PROMPT_KINDS,
@@ -217,10 +222,12 @@ def parse_roi(
     ``kinds``: the prompt kinds the model accepts; a prompt of another kind is refused, not ignored.
     """
     dims = len(shape)
-    given = {"points": request.get("foreground"), "box": request.get("roi")}
+    given = {"points": request.get("foreground"), "box": request.get("roi"), "background": request.get("background")}
     refused = [kind for kind, value in given.items() if kind not in kinds and value not in (None, [], "", "[]")]
     if refused:
-        raise InvalidRequest(f"this model takes no {' or '.join(refused)} prompt; it accepts {', '.join(kinds)}")
+        accepted = ", ".join(KIND_NAMES[k] for k in kinds) or "no prompt"
+        raise InvalidRequest(f"this model does not use {' or '.join(KIND_NAMES[k] for k in refused)}; "
+                             f"it accepts {accepted}")
     points = parse_points(request.get("foreground"), "foreground", dims)
     check_inside(points, shape)
     background = parse_points(request.get("background"), "background", dims)
@@ -301,3 +308,37 @@ def merge_fields(
     fields.update({k: v for k, v in sidecar.items() if k not in private})
     fields.update({k: v for k, v in request_fields(request).items() if not _blank(v) or k not in fields})
     return fields
+
+
+def field_sources(
+    request: Mapping[str, Any], sidecar: Mapping[str, Any], defaults: Mapping[str, Any],
+    target_keys: Sequence[str] = (),
+) -> dict[str, str]:
+    """Where each merged field came from (``request``, ``sidecar`` or ``default``), by the rules of
+    :func:`merge_fields`: recorded with every result, so a stored prediction says what it was computed on."""
+    private = SIDECAR_PRIVATE_KEYS | set(target_keys)
+    sources = {k: "default" for k in defaults}
+    sources.update({k: "sidecar" for k in sidecar if k not in private})
+    sources.update({k: "request" for k, v in request_fields(request).items() if not _blank(v) or k not in sources})
+    return sources
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Equal as a user means it: Slicer sends every option as text (``"15"`` is the sidecar's ``15``)."""
+    try:
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-9)
+    except (TypeError, ValueError):
+        return str(a).strip().lower() == str(b).strip().lower()
+
+
+def contradictions(request: Mapping[str, Any], sidecar: Mapping[str, Any], target_keys: Sequence[str] = ()) -> list[str]:
+    """Warnings for request values that differ from the study's record: Slicer keeps an edited form across
+    studies, so a value typed for the previous patient can arrive with this one."""
+    private = SIDECAR_PRIVATE_KEYS | set(target_keys)
+    return [
+        f"'{k}' sent as {v!r} but the study records {sidecar[k]!r}: the value sent was used; check it is this "
+        "patient's"
+        for k, v in sorted(request_fields(request).items())
+        if k in sidecar and k not in private and not _blank(v) and not _blank(sidecar[k])
+        and not _same_value(v, sidecar[k])
+    ]
