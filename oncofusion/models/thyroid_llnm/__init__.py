@@ -1,0 +1,1 @@
+"""Thyroid lateral lymph-node metastasis from ultrasound, report, morphology, demographics: LLNM-Net."""
