@@ -11,7 +11,7 @@ DEMO_DIR := sample_data/demo
 SAMPLE_CASES ?= 120
 BONE_CASES ?= 200
 
-.PHONY: setup sample-data demo-weights demo test test-fast bench stress lint clean mutation
+.PHONY: setup sample-data demo-weights demo demo-pacs test test-fast bench stress lint clean mutation
 
 setup: $(VENV)/.installed
 
@@ -53,6 +53,11 @@ $(BONE_BUNDLE)/models/fold0/model.pt: | $(BONE_DIR)/manifest.json
 demo: setup sample-data demo-weights
 	$(PY) -m monailabel.main start_server --app apps/oncofusion --studies $(DEMO_DIR) \
 		--conf models all --host $(HOST) --port $(PORT)
+
+# the sample studies as DICOM in a loopback Orthanc PACS, served over DICOMweb (OHIF at /ohif/);
+# needs: apt-get install orthanc orthanc-dicomweb
+demo-pacs: setup sample-data demo-weights
+	$(PY) -m oncofusion.serving.demo_pacs --studies $(DEMO_DIR) --port $(PORT)
 
 test: setup
 	$(PY) -m pytest -q -rs tests
@@ -96,7 +101,7 @@ mutation: setup
 		      exit (100 * dead < min * all) }'
 
 lint: setup
-	$(VENV)/bin/ruff check oncofusion apps bundles sample_data tests bench
+	$(VENV)/bin/ruff check oncofusion apps bundles sample_data tests bench plugins
 
 clean:
 	rm -rf $(VENV) $(SAMPLE_DIR) $(BONE_DIR) $(DEMO_DIR) runs

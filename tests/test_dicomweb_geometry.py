@@ -37,7 +37,7 @@ from tests.dicom_series import (
     orientation,
     write_marker_series,
 )
-from tests.serving_fakes import make_datastore, make_marker_bundle
+from tests.serving_fakes import make_datastore, make_fake_bundle, make_marker_bundle
 
 pytestmark = pytest.mark.server
 
@@ -114,3 +114,40 @@ def test_click_on_an_uploaded_dicom_series_lands_on_the_marker(tmp_path, phantom
             assert session.status_code == 200, session.text
             result = _click(live.url, {"session_id": session.json()["session_id"]}, phantom["ijk"])
             _assert_on_marker(result, phantom)
+
+
+def test_prediction_goes_back_to_the_pacs_as_seg_and_sr(tmp_path, phantoms):
+    """What OHIF shows from the PACS: the region (SEG) and the measurement (SR), read back with highdicom."""
+    import highdicom as hd
+    from dicomweb_client.api import DICOMwebClient
+
+    bundles = tmp_path / "bundles"
+    make_fake_bundle(bundles, "fake_nodule")
+    phantom = phantoms["oblique"]
+    with LocalOrthanc(tmp_path / "orthanc") as pacs:
+        pacs.upload(phantom["files"])
+        with LocalServer(pacs.dicomweb_url, tmp_path / "server", {"bundles": str(bundles)}) as live:
+            answer = requests.post(f"{live.url}/infer/fake_nodule",
+                                   params={"image": phantom["series"], "output": "json"}, timeout=120,
+                                   files={"params": (None, json.dumps({"foreground": [phantom["ijk"]],
+                                                                       "threshold": 0.0}))})
+            assert answer.status_code == 200, answer.text
+            stored = answer.json()["dicom"]
+            assert stored["stored"] is True, stored
+        client = DICOMwebClient(pacs.dicomweb_url)
+        study = stored["study_instance_uid"]
+        seg = hd.seg.Segmentation.from_dataset(
+            client.retrieve_instance(study, _series_of(client, study, "SEG"), stored["seg_sop_instance_uid"]))
+        sr = hd.sr.Comprehensive3DSR.from_dataset(
+            client.retrieve_instance(study, _series_of(client, study, "SR"), stored["sr_sop_instance_uid"]))
+    assert seg.get_segment_description(1).segment_label.startswith("malignant")
+    (group,) = sr.content.get_planar_roi_measurement_groups()
+    (measurement,) = group.get_measurements()
+    assert measurement.value == pytest.approx(answer.json()["probability"])
+    assert {e.name.meaning: e.value.meaning for e in group.get_qualitative_evaluations()} == {
+        "Predicted class": answer.json()["class"]}
+
+
+def _series_of(client, study: str, modality: str) -> str:
+    (series,) = client.search_for_series(study, search_filters={"Modality": modality})
+    return series["0020000E"]["Value"][0]

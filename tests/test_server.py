@@ -190,3 +190,14 @@ def test_train_rejects_then_runs_in_background(client, server):
     assert current.is_symlink() and current.resolve() == (runs[-1].parent / "models").resolve()
     assert (current / "fold0" / "model.json").is_file()
     assert not (server["root"] / "bundles" / MODEL / "models").exists()
+
+
+def test_summary_companion_answers_on_the_known_lesion_for_stock_slicer(client):
+    info = client.info()["models"]
+    assert info[MODEL]["labels"] == ["lesion"]  # Slicer's Next Sample prepares this segment
+    assert info[f"{MODEL}_summary"]["type"] == "segmentation"  # Slicer names segments after label_names
+    client.infer(MODEL, "case_bright", {"foreground": [[11, 10, 8]]})  # a click with the deepgrow model
+    label_file, result = client.infer(f"{MODEL}_summary", "case_bright", {"result_extension": ".nrrd"})
+    assert result["lesion_from"] == "last prediction" and result["roi_center_ijk"] == [11, 10, 8]
+    assert result["label_names"] == {"malignant 1.00": 1}  # the summary at value 1, the value Slicer imports
+    assert read_label_file(label_file)[0][11, 10, 8] == 1

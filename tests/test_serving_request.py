@@ -26,6 +26,7 @@ from oncofusion.serving.request import (
     read_sidecar,
     request_fields,
 )
+from oncofusion.serving.summary_task import BundleSummaryTask
 from oncofusion.serving.train_task import BundleTrainTask, publish
 from tests.dicom_series import write_ct_series
 from tests.serving_fakes import (
@@ -457,6 +458,28 @@ def test_train_task_records_and_checks(tmp_path):
         task.check(datastore)
     with pytest.raises(InvalidRequest, match="'max_epochs' must be a positive integer, got 'many'"):
         task({"max_epochs": "many"}, datastore)
+
+
+def test_summary_task_finds_the_lesion_of_the_study(tmp_path):
+    bundle = make_fake_bundle(tmp_path / "bundles")
+    studies = make_datastore(tmp_path / "datastore")
+    datastore = LocalDatastore(str(studies), extensions=["*.nii.gz"])
+    summary = BundleSummaryTask(BundleInferTask(bundle, ImageCache(), studies / "sidecars", datastore))
+    assert summary.name == "fake_nodule_summary" and summary.info()["type"] == "segmentation"
+
+    def run(image_id: str, **prompt) -> dict:
+        label_file, result = summary({"image": datastore.get_image_uri(image_id), "image_id": image_id, **prompt})
+        os.unlink(label_file)
+        return result
+
+    bright = run("case_bright")  # nothing predicted yet: the sidecar's center_ijk
+    assert bright["lesion_from"] == "study record (center_ijk)" and bright["roi_center_ijk"] == [12, 10, 8]
+    assert bright["label_names"] == {"malignant 1.00": 1}
+    with pytest.raises(InvalidRequest, match="click on it with 'fake_nodule' first, then run 'fake_nodule_summary'"):
+        run("case_unlabelled")
+    run("case_unlabelled", foreground=[[12, 10, 7]])  # a prompt in the request is used as sent...
+    assert run("case_unlabelled")["lesion_from"] == "last prediction"  # ...and remembered with the study
+    assert run("case_unlabelled")["roi_center_ijk"] == [12, 10, 7]
 
 
 def test_publish_swaps_the_served_checkpoints_in_one_step(tmp_path):

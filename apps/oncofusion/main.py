@@ -61,6 +61,7 @@ from oncofusion.serving.discovery import discover_bundles  # noqa: E402
 from oncofusion.serving.hardening import harden, settings_from_conf  # noqa: E402
 from oncofusion.serving.identifiers import check_identifier  # noqa: E402
 from oncofusion.serving.infer_task import BundleInferTask  # noqa: E402
+from oncofusion.serving.summary_task import BundleSummaryTask  # noqa: E402
 from oncofusion.serving.train_task import PUBLISHED_LINK, BundleTrainTask  # noqa: E402
 from oncofusion.training import TrainingPlan  # noqa: E402
 
@@ -125,8 +126,13 @@ class OncoFusionApp(MONAILabelApp):
         return Path(self.conf["runs"]) if self.conf.get("runs") else Path(self.app_dir) / "model"
 
     def init_infers(self) -> dict[str, InferTask]:
-        return {
-            name: BundleInferTask(
+        """Per bundle: the deepgrow task (clicks) and its segmentation-type companion ``<bundle>_summary``
+        (the same model on the study's known lesion; stock Slicer names its segment after the summary)."""
+        tasks: dict[str, InferTask] = {}
+        for name, path in self.bundles.items():
+            if not (path / "configs" / "inference.json").is_file():
+                continue
+            task = BundleInferTask(
                 path,
                 image_cache=self.image_cache,
                 sidecar_dir=self.sidecar_dir,
@@ -136,9 +142,9 @@ class OncoFusionApp(MONAILabelApp):
                 always_label=self.conf.get("always_label", "true").lower() in ("1", "true", "yes"),
                 published=self._runs_dir() / name / PUBLISHED_LINK,
             )
-            for name, path in self.bundles.items()
-            if (path / "configs" / "inference.json").is_file()
-        }
+            summary = BundleSummaryTask(task)
+            tasks.update({name: task, summary.name: summary})
+        return tasks
 
     def init_trainers(self) -> dict[str, TrainTask]:
         if self.sidecar_dir is None:

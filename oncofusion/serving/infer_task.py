@@ -40,12 +40,14 @@ from oncofusion.serving.request import (
     parse_roi,
     read_sidecar,
 )
-from oncofusion.serving.writers import label_extension, write_label
+from oncofusion.serving.writers import label_array, label_extension, write_label
 
 logger = logging.getLogger(__name__)
 
 #: key under the datastore's image info where every prediction's JSON is kept, per model
 PREDICTIONS_KEY = "oncofusion_predictions"
+#: the segment name a bundle gets when its inference.json declares no ``label_name``
+DEFAULT_LABEL_NAME = "lesion"
 
 # one datastore file is shared by every task: serialise read-merge-write of image info
 _DATASTORE_LOCK = threading.Lock()
@@ -132,8 +134,8 @@ class BundleInferTask(InferTask):
         self._build_error: str | None = None
         self._lock = threading.Lock()
         description = self.metadata.get("description") or self.metadata.get("name", self.name)
-        super().__init__(type=InferType.DEEPGROW, labels=None, dimension=self.inputs.dimension,
-                         description=description)
+        super().__init__(type=InferType.DEEPGROW, labels=[self._declared_label_name()],
+                         dimension=self.inputs.dimension, description=description)
 
     # -- predictor -----------------------------------------------------------------------------------
     @property
@@ -181,6 +183,13 @@ class BundleInferTask(InferTask):
         if self.published is not None and self.published.exists():
             parser["ckpt_dir"] = str(self._checkpoints_dir())
         return parser
+
+    def _declared_label_name(self) -> str:
+        """``label_name`` of ``inference.json`` (default ``lesion``): the segment 3D Slicer prepares on *Next
+        Sample*; without a label in ``/info`` a click only warns "Please add the required label"."""
+        if not self.config_path.is_file():
+            return DEFAULT_LABEL_NAME
+        return str(self._parser().get("label_name") or DEFAULT_LABEL_NAME)
 
     def _read_contract(self) -> tuple[InputSpec, tuple[str, ...]]:
         """The bundle's declared ``inputs`` (default: one 3D image with any prompt) and its target's keys
@@ -283,6 +292,9 @@ class BundleInferTask(InferTask):
                 },
             }
         )
+        if prediction.label is not None and os.path.isdir(request["image"]) and self._stores_dicom():
+            result["dicom"] = self._store_dicom(request["image"], label_array(prediction.label, tuple(image.shape[1:])),
+                                                result, roi, predictor)
         warnings = contradictions(request, sidecar, self.target_keys)
         if roi is not None and roi.mask is None and roi.box is None and len(roi.points) > 1:
             warnings.append(f"{len(roi.points)} clicks sent: the last one, {list(roi.points[-1])}, is the lesion")
@@ -298,6 +310,35 @@ class BundleInferTask(InferTask):
             result["latencies"]["load"],
         )
         return label_file, result
+
+    def _stores_dicom(self) -> bool:
+        """Predictions on a DICOMweb study go back to the PACS as SEG + SR (OHIF shows them from there)."""
+        return self.datastore is not None and hasattr(getattr(self.datastore, "_client", None), "store_instances")
+
+    def _store_dicom(self, series_folder: str, label: np.ndarray, result: dict[str, Any], roi: Any,
+                     predictor: Predictor) -> dict[str, Any]:
+        """Write the region as DICOM SEG and the result as a TID 1500 SR, STOW-RS them to the PACS; a
+        failure is reported in the answer, never fails the prediction the clinician is waiting for."""
+        from oncofusion.serving import dicom_results
+
+        score_key = getattr(predictor, "score_key", None) or next(
+            (k for k in result if k.endswith("probability")), None)
+        class_key = "prediction" if "prediction" in result else "class"
+        try:
+            if score_key is None or class_key not in result:
+                raise InvalidRequest("the result has no probability and class to report")
+            sources = dicom_results.source_instances(series_folder)
+            summary = next((n for n, v in (result.get("label_names") or {}).items() if v == 1), self.name)
+            seg = dicom_results.region_segmentation(label, sources, summary, self.name, self.version)
+            click_slice = int(round(float(roi.center()[2]))) if roi is not None else 0
+            sr = dicom_results.measurement_report(result, label, sources, seg, self.name, self.version,
+                                                  score_key, class_key, click_slice)
+            self.datastore._client.store_instances(datasets=[seg, sr])
+        except Exception as e:  # noqa: BLE001 - reported to the client, logged without patient data
+            logger.warning("%s: SEG/SR not stored (%s)", self.name, type(e).__name__)
+            return {"stored": False, "reason": f"{type(e).__name__}: {e}"[:300]}
+        return {"stored": True, "seg_sop_instance_uid": str(seg.SOPInstanceUID),
+                "sr_sop_instance_uid": str(sr.SOPInstanceUID), "study_instance_uid": str(sr.StudyInstanceUID)}
 
     def _known_fields(self, options: dict[str, Any]) -> set[str]:
         """Parameter names this model reads: its options, declared texts and clinical fields."""

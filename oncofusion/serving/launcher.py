@@ -37,14 +37,14 @@ class LocalServer:
     """
 
     def __init__(self, studies: str | Path, work_dir: str | Path, conf: dict[str, str] | None = None,
-                 start_timeout_s: float = 180.0, env: dict[str, str] | None = None):
+                 start_timeout_s: float = 180.0, env: dict[str, str] | None = None, port: int | None = None):
         # a DICOMweb address stays a string: as a Path its '//' would collapse into a local folder name
         self.studies = str(studies) if str(studies).startswith(("http://", "https://")) else Path(studies)
         self.work_dir = Path(work_dir)
         self.conf = dict(conf or {})
         self.start_timeout_s = start_timeout_s
         self.env = dict(env or {})
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.work_dir / "server.log"
         self.process: subprocess.Popen | None = None
