@@ -52,13 +52,23 @@ def write_nifti(image: np.ndarray, affine: np.ndarray, path: Path) -> None:
     img.to_filename(str(path))
 
 
-def triple_arg(kind: type):
-    """argparse type for 'a,b,c' (three values of ``kind``); shared by the sample-data generators."""
+def values_arg(kind: type, count: int):
+    """argparse type for ``count`` comma-separated values of ``kind`` ('96,96,64', '0.2,0.2')."""
 
     def parse(text: str) -> tuple:
         parts = [kind(p) for p in text.split(",")]
-        if len(parts) != 3:
-            raise argparse.ArgumentTypeError(f"expected three comma-separated values, got {text!r}")
+        if len(parts) != count:
+            raise argparse.ArgumentTypeError(f"expected {count} comma-separated values, got {text!r}")
         return tuple(parts)
 
     return parse
+
+
+def generator_parser(description: str, default_out: str, default_cases: int) -> argparse.ArgumentParser:
+    """The options every sample-data generator takes: output folder, case count, seed, folds."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, default=Path(default_out), help="output folder")
+    parser.add_argument("--num-cases", type=int, default=default_cases)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-folds", type=int, default=5, help="patient-level cross-validation folds")
+    return parser

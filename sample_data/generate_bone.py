@@ -51,7 +51,7 @@ from scipy.special import expit, ndtr
 from scipy.stats import rankdata
 
 from oncofusion.data.folds import assign_folds
-from sample_data.common import Grid, triple_arg, write_nifti
+from sample_data.common import Grid, generator_parser, values_arg, write_nifti
 
 logger = logging.getLogger(__name__)
 
@@ -472,13 +472,9 @@ def generate(
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("sample_data/bone"), help="output folder")
-    parser.add_argument("--num-cases", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-folds", type=int, default=5, help="patient-level cross-validation folds")
-    parser.add_argument("--shape", type=triple_arg(int), default=DEFAULT_SHAPE, help="voxels, e.g. 96,96,64")
-    parser.add_argument("--spacing", type=triple_arg(float), default=DEFAULT_SPACING, help="mm, e.g. 0.8,0.8,1.5")
+    parser = generator_parser(__doc__.split("\n\n")[0], "sample_data/bone", 200)
+    parser.add_argument("--shape", type=values_arg(int, 3), default=DEFAULT_SHAPE, help="voxels, e.g. 96,96,64")
+    parser.add_argument("--spacing", type=values_arg(float, 3), default=DEFAULT_SPACING, help="mm, e.g. 0.8,0.8,1.5")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="processes")
     parser.add_argument("--bayes-draws", type=int, default=200_000, help="Monte-Carlo draws for the Bayes AUROCs")
     return parser.parse_args(argv)

@@ -35,7 +35,7 @@ from scipy import ndimage
 from oncofusion.data.folds import assign_folds
 from oncofusion.models.lung_nodule.lidc import LidcNodule, load_nodules, malignancy_label
 from oncofusion.models.lung_nodule.reports import build_report, semantic_features
-from sample_data.common import Grid, triple_arg, write_nifti
+from sample_data.common import Grid, generator_parser, values_arg, write_nifti
 
 logger = logging.getLogger(__name__)
 
@@ -627,14 +627,10 @@ def generate(
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("sample_data/lung"), help="output folder")
-    parser.add_argument("--num-cases", type=int, default=120, help="number of cases (about half malignant)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-folds", type=int, default=5, help="patient-level cross-validation folds")
-    parser.add_argument("--shape", type=triple_arg(int), default=DEFAULT_SHAPE, help="voxels, e.g. 128,128,80")
+    parser = generator_parser(__doc__.split("\n\n")[0], "sample_data/lung", 120)
+    parser.add_argument("--shape", type=values_arg(int, 3), default=DEFAULT_SHAPE, help="voxels, e.g. 128,128,80")
     parser.add_argument(
-        "--spacing", type=triple_arg(float), default=DEFAULT_SPACING, help="mm, e.g. 0.7,0.7,1.25"
+        "--spacing", type=values_arg(float, 3), default=DEFAULT_SPACING, help="mm, e.g. 0.7,0.7,1.25"
     )
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="processes")
     return parser.parse_args(argv)

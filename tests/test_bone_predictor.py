@@ -51,7 +51,7 @@ def test_crop_is_centred_on_the_roi_for_click_box_and_mask(predictor):
     mask = np.zeros(image.shape[1:], np.uint8)
     mask[BLOB[0] - 1 : BLOB[0] + 2, BLOB[1] - 1 : BLOB[1] + 2, BLOB[2] - 1 : BLOB[2] + 2] = 1
     rois = [Roi(points=[BLOB]), Roi(box=((BLOB[0] - 6, BLOB[1] - 4, BLOB[2] - 2), (BLOB[0] + 6, BLOB[1] + 4, BLOB[2] + 2))),
-            Roi(mask=mask), Roi(points=[(BLOB[0] - 2, BLOB[1], BLOB[2]), (BLOB[0] + 2, BLOB[1], BLOB[2])])]
+            Roi(mask=mask), Roi(points=[(BLOB[0] - 9, BLOB[1], BLOB[2]), BLOB])]  # of two clicks, the last
     patches = []
     for roi in rois:
         np.testing.assert_allclose(roi.center(), BLOB)
@@ -116,8 +116,12 @@ def test_predict_returns_probabilities_heatmap_and_contributions(predictor):
     assert (label > 0).sum() <= roi_region(Roi(points=[BLOB]), label.shape, AFFINE, 8.0).sum()
     names = list(prediction.label_names)
     assert re.fullmatch(r"(osteoid|chondroid) \d\.\d\d( \(.+\))?", names[0])
-    assert prediction.label_names[names[0]] == label.max()
+    assert prediction.label_names[names[0]] == 1  # the summary region is value 1, what Slicer imports
     assert names[0] == predictor.summarize(result)
+    assert sorted(prediction.label_names.values()) == list(range(1, len(names) + 1))
+    if label.max() > 1:  # the strongest level is nested inside the weaker ones' extent
+        strongest, weaker = np.argwhere(label == 1), np.argwhere(label > 1)
+        assert len(strongest) and result["heatmap"]["levels"]["1"] == ">= 0.8" and len(weaker)
 
 
 def test_clinical_input_changes_the_prediction(predictor):

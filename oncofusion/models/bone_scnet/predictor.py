@@ -142,8 +142,9 @@ class SCNetPredictor(PredictorTemplate):
                            **({"clinical": model_inputs[1]} if self.fusion else {}))
         result["heatmap"] = {
             "method": f"Grad-CAM at {self.cam_layer} for class {self.class_names[predicted]}, mean over fold models",
-            "levels": {str(level + 1): f">= {t:g}" for level, t in enumerate(self.cam_thresholds)},
-            "label_meaning": "Grad-CAM levels inside the ROI on the image grid (highest = the summary segment)",
+            "levels": {str(len(self.cam_thresholds) - level): f">= {t:g}" for level, t in enumerate(self.cam_thresholds)},
+            "label_meaning": "Grad-CAM levels inside the ROI on the image grid: 1 = the strongest (the summary "
+                             "segment, the one 3D Slicer imports), higher values = weaker levels",
         }
         return self._heatmap_label(heat, context.extras["patch_affine"], affine, shape, context.extras["region"], result)
 
@@ -170,19 +171,22 @@ class SCNetPredictor(PredictorTemplate):
 
     def _heatmap_label(self, heat: np.ndarray, patch_affine: np.ndarray, affine: np.ndarray, shape: tuple,
                        region: np.ndarray, result: Mapping[str, Any]) -> tuple[np.ndarray, dict[str, int]]:
-        """Levels of the heatmap inside the ROI on the image grid, named for Slicer's segment list.
+        """Levels of the heatmap inside the ROI on the image grid, the strongest at value 1.
 
-        When the map is flat (nothing to show) the ROI itself is drawn under the summary name.
+        Value 1 is the region users should see, named after the summary: 3D Slicer imports only value 1
+        of a one-segment result. Weaker levels follow as 2, 3, ... for clients that show every value.
+        When the map is flat (nothing to show) the ROI itself is drawn at value 1 under the summary name.
         """
         on_image = cube_to_image(heat, patch_affine, affine, shape, order=1)
-        levels = np.where(region, heat_levels(on_image, self.cam_thresholds), 0).astype(np.uint8)
+        rising = np.where(region, heat_levels(on_image, self.cam_thresholds), 0).astype(np.uint8)
         summary = self.summarize(result)
         top = len(self.cam_thresholds)
-        if not (levels == top).any():
+        if not (rising == top).any():
             return region.astype(np.uint8), {summary: 1}
-        names = {summary: top}
-        for level in range(top - 1, 0, -1):
-            names[f"Grad-CAM >= {self.cam_thresholds[level - 1]:g}"] = level
+        levels = np.where(rising > 0, top + 1 - rising, 0).astype(np.uint8)
+        names = {summary: 1}
+        for value in range(2, top + 1):
+            names[f"Grad-CAM >= {self.cam_thresholds[top - value]:g}"] = value
         return levels, names
 
     def summarize(self, result: Mapping[str, Any]) -> str:
