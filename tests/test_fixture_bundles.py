@@ -513,10 +513,14 @@ def test_server_trains_the_plan_then_answers(client, server, name):
     records = json.loads(run.read_text())
     assert records["num_folds"] == fx.NUM_FOLDS and {r["fold"] for r in records["cases"]} == {0, 1}
     assert sorted(r["case_id"] for r in records["cases"]) == sorted(c["case_id"] for c in _cases(manifest))
-    assert json.loads((run.parent / "status.json").read_text())["status"] == "DONE", task
+    run_status = json.loads((run.parent / "status.json").read_text())
+    assert run_status["status"] == "DONE" and run_status["published"] == "yes", task
+    # the run is served through the published link; the bundle's own models/ stay untouched
+    published = server["root"] / "runs" / name / "current"
+    assert published.resolve() == (run.parent / "models").resolve() and not list((bundle / "models").rglob("*.pt"))
 
     label_file, result = client.infer(name, case["case_id"], good)
-    predictor = _predictor(bundle)
+    predictor = _predictor(bundle, ckpt_dir=str(published.resolve()))
     primary = predictor.inputs.primary
     image = read_image(manifest.parent / case["image"], primary.reader)
     roi = Roi(points=[tuple(case["center_ijk"])]) if predictor.inputs.prompt else None

@@ -8,6 +8,7 @@ bone bundles (their own fields and prompts).
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import math
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import pytest
 import requests
@@ -58,6 +60,19 @@ class Case:
             multipart[key] = (None, value)
         return requests.request(self.method, url + self.path, params=self.query, files=multipart or None,
                                 headers=self.headers, timeout=60)
+
+
+def _header_bomb() -> bytes:
+    """A 2 KB gzip NIfTI whose header declares 1024x1024x512 float32 voxels (2 GiB decoded)."""
+    header = nib.Nifti1Header()
+    header.set_data_shape((1024, 1024, 512))
+    header.set_data_dtype(np.float32)
+    header.set_zooms((0.5, 0.5, 0.5))
+    raw = header.binaryblock + b"\0" * 4 + b"\0" * 1024
+    return gzip.compress(raw)
+
+
+BOMB = _header_bomb()
 
 
 def _infer_cases(model: str) -> list[Case]:
@@ -103,6 +118,8 @@ def _infer_cases(model: str) -> list[Case]:
         infer("session id traversal", 422, "not an identifier", query={"session_id": "../x"}),
         infer("unknown output format", 422, "output", query={"image": case, "output": "zip"}),
         infer("cross-origin page", 403, "cross-origin", headers={"Origin": "http://elsewhere.example"}),
+        infer("upload declaring a huge grid", 413, "1024x1024x512", query={},
+              files={"file": ("bomb.nii.gz", BOMB)}),
         infer("upload over the size limit", 413, "over this server's limit",
               files={"file": ("big.nii.gz", b"0" * (MAX_UPLOAD_MB * 2**20 + 1))}),
     ]

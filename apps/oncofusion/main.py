@@ -6,6 +6,8 @@ This file only wires; the tasks live in :mod:`oncofusion.serving`. Configuration
 - ``models``: ``all`` or a comma list of bundle names (default: ``all``)
 - ``image_cache_mb``: memory budget of the decoded studies kept between clicks, in MiB (default: 2048;
   0 keeps nothing)
+- ``max_image_voxels`` / ``max_image_mb``: the most one image may cost to decode, judged from its header
+  before decoding (defaults: 268435456 voxels, 2048 MiB; 413 above)
 - ``device``: ``cpu`` / ``cuda`` / ``cuda:1`` (default: cuda when available)
 - ``max_epochs``: default epochs of a ``/train`` request (default: 50)
 - ``train_timeout``: seconds after which a training run is killed (default: 86400)
@@ -56,6 +58,7 @@ _ensure_importable(REPO_ROOT)
 
 from oncofusion.contract import InvalidRequest  # noqa: E402
 from oncofusion.io.cache import ImageCache  # noqa: E402
+from oncofusion.io.limits import ImageLimits  # noqa: E402
 from oncofusion.serving.datastore import DurableLocalDatastore  # noqa: E402
 from oncofusion.serving.discovery import discover_bundles  # noqa: E402
 from oncofusion.serving.hardening import harden, settings_from_conf  # noqa: E402
@@ -92,7 +95,8 @@ class OncoFusionApp(MONAILabelApp):
         _stay_offline()
         conf = conf or {}
         self.bundles = discover_bundles(conf.get("bundles", REPO_ROOT / "bundles"), conf.get("models", "all"))
-        self.image_cache = ImageCache(max_bytes=int(float(conf.get("image_cache_mb", 2048)) * 2**20))
+        self.image_cache = ImageCache(max_bytes=int(float(conf.get("image_cache_mb", 2048)) * 2**20),
+                                      limits=ImageLimits.from_conf(conf))
         # One click is a handful of small tensors: on a few CPU cores, intra-op threads spend more on
         # synchronisation than they save (measured: 5 ms on one thread vs 100-200 ms on two for the
         # lung image tower while another process loads the machine). Training runs in its own process.

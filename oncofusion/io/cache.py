@@ -9,6 +9,12 @@ An entry is keyed by the file's path, the reader kind and the reader options (e.
 remembers the file's identity and modification time, so a study replaced on disk is decoded again
 instead of served stale. A whole-slide image is cached as its open handle, counted as the size of its
 tile cache: it is never decoded whole.
+
+An entry is counted at what it really holds: the whole storage behind a tensor or array (a view keeps
+all of it alive) plus any large arrays in its metadata. A file read once and deleted, such as an upload the
+server saved to a temporary file, is read with ``get(..., cache=False)``: cached under its unique temp
+name it could never be hit again and would only push the studies being clicked on out of the budget.
+Every read is bounded: the default loader checks the image's header against ``limits`` before decoding.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import numpy as np
 import torch
 
 from oncofusion.contract import InvalidRequest
+from oncofusion.io.limits import ImageLimits
 from oncofusion.io.readers import read_image
 
 logger = logging.getLogger(__name__)
@@ -37,6 +44,8 @@ Signature = tuple[str, int, int]
 Key = tuple[str, str, tuple[tuple[str, Hashable], ...]]
 
 DEFAULT_MAX_BYTES = 2048 * 2**20
+#: metadata arrays from this size up count towards an entry's bytes (a page: header fields stay out)
+META_ARRAY_MIN_BYTES = 4096
 
 
 def file_signature(path: str | os.PathLike) -> Signature:
@@ -54,13 +63,38 @@ def file_signature(path: str | os.PathLike) -> Signature:
     return real, mtime, size
 
 
-def value_nbytes(value: Any) -> int:
-    """Memory held by a decoded image: a tensor's or array's data, or what an object declares
-    (``SlideImage.nbytes`` is its tile cache)."""
+def _array_nbytes(value: Any, seen: set[int]) -> int:
+    """Bytes of the memory behind a tensor or array, counted once per buffer (``seen``): a view such as
+    ``volume[None]`` or ``volume[..., 0]`` keeps its whole base alive."""
     if isinstance(value, torch.Tensor):
-        return value.element_size() * value.nelement()
-    if isinstance(value, np.ndarray):
-        return int(value.nbytes)
+        storage = value.untyped_storage()
+        key, size = storage.data_ptr(), storage.nbytes()
+    else:
+        base = value
+        while isinstance(base.base, np.ndarray):
+            base = base.base
+        key, size = base.__array_interface__["data"][0], int(base.nbytes)
+    if key in seen:
+        return 0
+    seen.add(key)
+    return size
+
+
+def value_nbytes(value: Any) -> int:
+    """Memory held by a decoded image: the whole storage behind a tensor or array plus any large arrays
+    in its metadata, or what an object declares (``SlideImage.nbytes`` is its tile cache).
+
+    Metadata arrays under :data:`META_ARRAY_MIN_BYTES` (the affine and header fields every image
+    carries, a few hundred bytes) are noise against a budget of megabytes and are left out, as is
+    Python's per-object overhead."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        seen: set[int] = set()
+        total = _array_nbytes(value, seen)
+        meta = getattr(value, "meta", None)
+        for item in meta.values() if isinstance(meta, dict) else ():
+            if isinstance(item, (torch.Tensor, np.ndarray)) and _array_nbytes(item, set()) >= META_ARRAY_MIN_BYTES:
+                total += _array_nbytes(item, seen)
+        return total
     declared = getattr(value, "nbytes", None)
     return int(declared) if declared is not None else sys.getsizeof(value)
 
@@ -104,14 +138,20 @@ class ImageCache:
     Args:
         max_bytes: memory budget of the decoded images; 0 caches nothing.
         loader: ``loader(path, kind, **options)`` decoding one image (default: :func:`read_image`).
+        limits: the most one image may cost to decode, passed to the loader as ``limits=`` (a custom
+            loader must then accept it); None: the readers' default limits.
     """
 
-    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, loader: Callable[..., Any] = read_image):
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, loader: Callable[..., Any] = read_image,
+                 limits: ImageLimits | None = None):
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, np.integer)) or max_bytes < 0:
             raise ValueError(
                 f"image cache max_bytes must be an integer >= 0 (0 disables caching), got {max_bytes!r}"
             )
+        if limits is not None and not isinstance(limits, ImageLimits):
+            raise TypeError(f"image cache limits must be an oncofusion.io.limits.ImageLimits, got {limits!r}")
         self.max_bytes = int(max_bytes)
+        self.limits = limits
         self._loader = loader
         self._items: OrderedDict[Key, _Entry] = OrderedDict()
         self._pending: dict[tuple[Signature, Key], _Pending] = {}
@@ -142,9 +182,18 @@ class ImageCache:
             logger.debug("evicted %s (%s)", Path(oldest[0]).name, oldest[1])
         return True
 
-    def get(self, path: str | os.PathLike, kind: str = "volume", **options: Hashable) -> Any:
+    def _load(self, path: str | os.PathLike, kind: str, options: dict[str, Hashable]) -> Any:
+        extra = {} if self.limits is None else {"limits": self.limits}
+        return self._loader(str(path), kind, **options, **extra)
+
+    def get(self, path: str | os.PathLike, kind: str = "volume", *, cache: bool = True, **options: Hashable) -> Any:
         """The image at ``path`` read by the ``kind`` reader with ``options``, decoded at most once while it
-        stays cached and unchanged on disk."""
+        stays cached and unchanged on disk.
+
+        ``cache=False`` reads a file that will not be asked for again (an upload's temporary file): it is
+        decoded for this caller alone and never stored, so it evicts nothing. A copy already cached for
+        the same unchanged file is still used.
+        """
         if not str(path) or not os.path.exists(path):
             raise InvalidRequest(f"{options.get('what', 'image')} '{Path(path).name or path}' not found", 400)
         try:
@@ -156,6 +205,8 @@ class ImageCache:
             ) from e
         signature = file_signature(path)
         key: Key = (signature[0], kind, frozen)
+        if not cache:
+            return self._get_transient(path, kind, options, signature, key)
         with self._lock:
             entry = self._items.get(key)
             if entry is not None and entry.signature == signature:
@@ -183,7 +234,7 @@ class ImageCache:
             return _private_copy(pending.value)
 
         try:
-            value = self._loader(str(path), kind, **options)
+            value = self._load(path, kind, options)
         except BaseException as e:
             with self._lock:
                 del self._pending[(signature, key)]
@@ -207,6 +258,24 @@ class ImageCache:
             self._nbytes / 2**20,
         )
         return _private_copy(value) if stored or shared else value
+
+    def _get_transient(self, path: str | os.PathLike, kind: str, options: dict[str, Hashable],
+                       signature: Signature, key: Key) -> Any:
+        with self._lock:
+            entry = self._items.get(key)
+            if entry is not None and entry.signature == signature:
+                self._items.move_to_end(key)
+                self.hits += 1
+                cached = entry.value
+            else:
+                cached = None
+                self.misses += 1
+        if cached is not None:
+            return _private_copy(cached)
+        value = self._load(path, kind, options)
+        logger.debug("decoded %s (%s, %.1f MiB) for one request, not cached", Path(path).name, kind,
+                     value_nbytes(value) / 2**20)
+        return value
 
     def clear(self) -> None:
         with self._lock:

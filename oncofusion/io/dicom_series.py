@@ -7,6 +7,11 @@ the prediction on the mirrored slice, so slices are ordered by the projection of
 
 The voxel grid keeps DICOM's own axes (I = column, J = row, K = position along the normal) and the
 affine maps it to MONAI's RAS world (DICOM patient space is LPS), with no reorientation.
+
+Every file's header is read first (``stop_before_pixels``): the slices are ordered and the volume's
+size (Rows x Columns x slices) and voxel size are checked against the server's
+:class:`~oncofusion.io.limits.ImageLimits` before any pixel is decoded. Pixels are then decoded one
+slice at a time into the output volume, so only one slice's raw bytes are held at once.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pydicom.errors import InvalidDicomError
 
 from oncofusion.contract import InvalidRequest
 from oncofusion.io.frames import undecodable_reason
+from oncofusion.io.limits import FLOAT32_BYTES, ImageHeader, ImageLimits, check_header
 
 logger = logging.getLogger(__name__)
 
@@ -49,18 +55,17 @@ def _header(ds: Dataset, keyword: str, file: Path, what: str, folder: str) -> li
         raise InvalidRequest(f"{what} '{folder}': slice '{file.name}' has a malformed {keyword}", 422) from e
 
 
-def _load(folder: Path, what: str, headers_only: bool) -> list[tuple[Path, Dataset]]:
-    """Every DICOM image file directly inside ``folder``; other files (DICOMDIR, notes) are skipped."""
+def _load(folder: Path, what: str) -> list[tuple[Path, Dataset]]:
+    """The header (no pixels) of every DICOM image file directly inside ``folder``; other files
+    (DICOMDIR, notes) are skipped."""
     items = []
     for file in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
         try:
-            ds = pydicom.dcmread(file, stop_before_pixels=headers_only)
+            ds = pydicom.dcmread(file, stop_before_pixels=True)
         except (InvalidDicomError, EOFError, OSError) as e:
             logger.debug("skipping %s: %s", file.name, e)
             continue
-        if not headers_only and "PixelData" not in ds:
-            continue
-        if headers_only and "Rows" not in ds:
+        if "Rows" not in ds:
             continue
         items.append((file, ds))
     if not items:
@@ -184,17 +189,54 @@ def _decode(file: Path, ds: Dataset, what: str, folder: str) -> np.ndarray:
 def series_affine(folder: str | os.PathLike, what: str = "image") -> np.ndarray:
     """The RAS affine of a series folder from its headers alone (no pixel decoding)."""
     folder = Path(folder)
-    _, affine = order_slices(_load(folder, what, headers_only=True), what, folder.name)
+    _, affine = order_slices(_load(folder, what), what, folder.name)
     return affine
 
 
-def read_series(folder: str | os.PathLike, what: str = "image") -> tuple[np.ndarray, np.ndarray]:
+def series_image_header(items: Sequence[tuple[Path, Dataset]], affine: np.ndarray) -> ImageHeader:
+    """The float32 volume (columns x rows x slices) a sorted series decodes to, and its voxel sizes (the
+    affine's column lengths: PixelSpacing and the step between slice positions)."""
+    first = items[0][1]
+    shape = (int(first.Columns), int(first.Rows), len(items))
+    return ImageHeader(
+        shape=shape,
+        nbytes=int(np.prod(shape)) * FLOAT32_BYTES,
+        spacing=tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0)),
+        spacing_source="DICOM PixelSpacing and slice positions",
+    )
+
+
+def _pixels(file: Path, what: str, folder: str) -> Dataset:
+    """The whole DICOM file of a slice already ordered from its header."""
+    try:
+        ds = pydicom.dcmread(file)
+    except (InvalidDicomError, EOFError, OSError) as e:
+        raise InvalidRequest(f"cannot read {what} '{folder}': slice '{file.name}' is unreadable", 415) from e
+    if "PixelData" not in ds:
+        raise InvalidRequest(f"{what} '{folder}': slice '{file.name}' has no pixel data", 415)
+    return ds
+
+
+def read_series(
+    folder: str | os.PathLike, what: str = "image", limits: ImageLimits | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Decode a series folder into a float32 array (I=column, J=row, K=slice) and its 4x4 RAS affine.
 
-    Rescale slope and intercept are applied per slice, so CT comes out in Hounsfield units.
+    Rescale slope and intercept are applied per slice, so CT comes out in Hounsfield units. The size
+    and voxel size are checked against ``limits`` (default: the server's) from the headers first.
     """
     folder = Path(folder)
-    items, affine = order_slices(_load(folder, what, headers_only=False), what, folder.name)
-    slices = [_decode(file, ds, what, folder.name) for file, ds in items]  # each (rows, cols)
-    volume = np.stack(slices, axis=-1)
-    return np.ascontiguousarray(volume.transpose(1, 0, 2)), affine
+    items, affine = order_slices(_load(folder, what), what, folder.name)
+    header = series_image_header(items, affine)
+    check_header(header, folder.name, what, limits)
+    volume = np.empty(header.shape, np.float32)
+    for k, (file, _) in enumerate(items):
+        pixels = _decode(file, _pixels(file, what, folder.name), what, folder.name)  # (rows, cols)
+        if pixels.shape != header.shape[1::-1]:
+            raise InvalidRequest(
+                f"{what} '{folder.name}': slice '{file.name}' decodes to {pixels.shape[0]}x{pixels.shape[1]} "
+                f"pixels where its header says {header.shape[1]}x{header.shape[0]} (rows x columns)",
+                415,
+            )
+        volume[:, :, k] = pixels.T
+    return volume, affine

@@ -26,6 +26,12 @@ cine loop holds transition and motion-blurred frames while the sharpest is the o
 freeze. ``frame_index``, ``frame_choice`` (``"requested"``, ``"sharpest"`` or ``"only"``) and
 ``num_frames`` in the metadata record what was used. pydicom decodes every frame of a cine to reach
 one, so a long loop costs its full decoding time once (the image cache keeps the result).
+
+Size: the header (DICOM tags read with ``stop_before_pixels``; Pillow's lazy ``Image.open``) is checked
+against the server's :class:`~oncofusion.io.limits.ImageLimits` before any pixel is decoded. A DICOM
+cine counts the pixels of all its frames (pydicom decodes them all); a PNG/JPEG counts one frame. A
+PNG/JPEG beyond Pillow's own decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, twice over) is
+refused as too big as well, whatever the server's limits.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from pydicom.pixel_data_handlers.util import apply_color_lut, apply_modality_lut
 from scipy import ndimage
 
 from oncofusion.contract import InvalidRequest
+from oncofusion.io.limits import DEFAULT_LIMITS, FLOAT32_BYTES, ImageHeader, ImageLimits, check_header
 
 logger = logging.getLogger(__name__)
 
@@ -222,16 +229,43 @@ def undecodable_reason(ds: Dataset, error: Exception) -> str:
     )
 
 
-def _read_dicom(path: Path, frame: int | str | None, what: str) -> tuple[np.ndarray, dict[str, Any]]:
+def dicom_frame_header(ds: Dataset) -> ImageHeader:
+    """What decoding a 2D DICOM allocates, from its tags: every frame's samples as pydicom decodes them
+    (BitsAllocated rounded up to bytes), or the float32 channels of one frame, whichever is larger."""
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    sample_bytes = max(1, -(-int(ds.get("BitsAllocated", 8) or 8) // 8))
+    channels = 1 if str(ds.get("PhotometricInterpretation", "")).upper().startswith("MONOCHROME") else 3
+    shape = (cols, rows) if frames == 1 else (cols, rows, frames)
+    decoded = cols * rows * frames * samples * sample_bytes
+    return ImageHeader(shape=shape, nbytes=max(decoded, cols * rows * channels * FLOAT32_BYTES), unit="pixels")
+
+
+def _dcmread(path: Path, what: str, headers_only: bool) -> Dataset:
     try:
-        ds = pydicom.dcmread(path, force=path.suffix.lower() in DICOM_SUFFIXES)
+        return pydicom.dcmread(path, force=path.suffix.lower() in DICOM_SUFFIXES, stop_before_pixels=headers_only)
     except Exception as e:
         raise InvalidRequest(f"cannot read {what} '{path.name}' as DICOM: {type(e).__name__}", 415) from e
-    if "PixelData" not in ds or "Rows" not in ds:
+
+
+def _read_dicom(
+    path: Path, frame: int | str | None, what: str, limits: ImageLimits | None
+) -> tuple[np.ndarray, dict[str, Any]]:
+    header = _dcmread(path, what, headers_only=True)
+    if "Rows" not in header or "Columns" not in header:
         raise InvalidRequest(f"{what} '{path.name}' is a DICOM file without an image (e.g. a report)", 415)
-    num_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    try:
+        size = dicom_frame_header(header)
+    except (TypeError, ValueError) as e:  # an empty or non-numeric Rows, Columns, NumberOfFrames...
+        raise InvalidRequest(f"{what} '{path.name}' has malformed image size tags: {type(e).__name__}", 415) from e
+    check_header(size, path.name, what, limits)
+    num_frames = int(header.get("NumberOfFrames", 1) or 1)
     if frame is not None:  # a bad index is answered before the (slow) decoding
         choose_frame(num_frames, frame, None, path.name, what)
+    ds = _dcmread(path, what, headers_only=False)
+    if "PixelData" not in ds:
+        raise InvalidRequest(f"{what} '{path.name}' is a DICOM file without an image (e.g. a report)", 415)
     try:
         pixels = ds.pixel_array
     except Exception as e:  # the decoder names a missing plugin or a corrupt stream
@@ -278,11 +312,32 @@ def _pil_to_channels(image: Any, name: str, what: str) -> np.ndarray:
     raise InvalidRequest(f"{what} '{name}' has unsupported pixel mode '{mode}'", 415)
 
 
-def _read_pil(path: Path, frame: int | str | None, what: str) -> tuple[np.ndarray, dict[str, Any]]:
+def pil_frame_header(image: Any) -> ImageHeader:
+    """What decoding one frame of a lazily opened PNG/JPEG allocates: its float32 channels (grey or RGB,
+    as :func:`_pil_to_channels` converts it)."""
+    cols, rows = (int(v) for v in image.size)
+    channels = 1 if len(image.getbands()) <= 2 and image.mode not in ("P", "PA") else 3
+    return ImageHeader(shape=(cols, rows), nbytes=cols * rows * channels * FLOAT32_BYTES, unit="pixels")
+
+
+def _pil_too_big(error: Exception, name: str, what: str, limits: ImageLimits | None) -> InvalidRequest:
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    most = (limits or DEFAULT_LIMITS).max_voxels
+    return InvalidRequest(
+        f"{what} '{name}' is too large to decode ({reason}); this server accepts at most {most:,} pixels "
+        "(--conf max_image_voxels) and Pillow refuses such images in any case: downsample it",
+        413,
+    )
+
+
+def _read_pil(
+    path: Path, frame: int | str | None, what: str, limits: ImageLimits | None
+) -> tuple[np.ndarray, dict[str, Any]]:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
+        with Image.open(path) as image:  # lazy: reads the header, decodes nothing yet
+            check_header(pil_frame_header(image), path.name, what, limits)
             num_frames = int(getattr(image, "n_frames", 1))
             mode = image.mode
 
@@ -296,7 +351,9 @@ def _read_pil(path: Path, frame: int | str | None, what: str) -> tuple[np.ndarra
             channels = channels_of(index)
     except InvalidRequest:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
+    except Image.DecompressionBombError as e:
+        raise _pil_too_big(e, path.name, what, limits) from e
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise InvalidRequest(f"cannot read {what} '{path.name}' as PNG/JPEG: {type(e).__name__}", 415) from e
     meta = {
         "frame_index": index,
@@ -309,11 +366,14 @@ def _read_pil(path: Path, frame: int | str | None, what: str) -> tuple[np.ndarra
 
 
 # -- entry point -------------------------------------------------------------------------------------
-def read_frame(path: str | os.PathLike, frame: int | str | None = None, what: str = "image") -> MetaTensor:
+def read_frame(
+    path: str | os.PathLike, frame: int | str | None = None, what: str = "image", limits: ImageLimits | None = None
+) -> MetaTensor:
     """Decode one 2D frame into float32 ``(C, W, H)`` with a 3x3 affine (pixel size in mm on the diagonal).
 
-    ``frame`` picks a frame of a cine (0-based); without it the sharpest frame is used. See the module
-    docstring for the value ranges and the source of the pixel size (``spacing_source``).
+    ``frame`` picks a frame of a cine (0-based); without it the sharpest frame is used. The header is
+    checked against ``limits`` (default: :data:`~oncofusion.io.limits.DEFAULT_LIMITS`) before decoding.
+    See the module docstring for the value ranges and the source of the pixel size (``spacing_source``).
     """
     path = Path(path)
     if not str(path) or not path.exists():
@@ -323,9 +383,9 @@ def read_frame(path: str | os.PathLike, frame: int | str | None = None, what: st
             f"{what} '{path.name}' is a folder: a 2D frame is one DICOM, PNG or JPEG file", 415
         )
     if _is_dicom(path):
-        channels, meta = _read_dicom(path, frame, what)
+        channels, meta = _read_dicom(path, frame, what, limits)
     elif path.suffix.lower() in PIL_SUFFIXES:
-        channels, meta = _read_pil(path, frame, what)
+        channels, meta = _read_pil(path, frame, what, limits)
     else:
         raise InvalidRequest(
             f"unsupported image format for '{path.name}': send a DICOM file, a PNG or a JPEG", 415

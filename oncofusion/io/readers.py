@@ -2,7 +2,13 @@
 
 Every problem the user can fix is raised as :class:`~oncofusion.contract.InvalidRequest` naming the
 file (never its folders, which may name the patient), so the server answers 4xx, never 500: 400 for a
-missing file, 415 for a format that cannot be read, 422 for readable data of the wrong shape.
+missing file, 413 for an image larger than the server's :class:`~oncofusion.io.limits.ImageLimits`,
+415 for a format or voxel type that cannot be read (complex voxels included), 422 for readable data of
+the wrong shape, with NaN/infinite voxels or without a valid voxel size.
+
+Every decoding reader checks the image's header against ``limits`` (default
+:data:`~oncofusion.io.limits.DEFAULT_LIMITS`) before decoding, so an upload declaring a huge grid costs
+a header read, not gigabytes.
 
 Three kinds of input, one reader each, registered in :data:`READERS` so a bundle can declare per named
 image input which one it needs (:func:`read_image`):
@@ -27,10 +33,19 @@ import numpy as np
 import torch
 from monai.data import MetaTensor, NibabelReader
 from monai.utils import SpaceKeys
+from nibabel.openers import ImageOpener
 
 from oncofusion.contract import InvalidRequest
 from oncofusion.io.dicom_series import read_series, series_affine
 from oncofusion.io.frames import read_frame
+from oncofusion.io.limits import (
+    FLOAT32_BYTES,
+    ImageHeader,
+    ImageLimits,
+    check_affine,
+    check_header,
+    check_spacing,
+)
 from oncofusion.io.nrrd_volume import NRRD_SUFFIXES, is_nrrd, nrrd_affine, read_nrrd
 from oncofusion.io.slides import SlideImage, open_slide
 
@@ -41,6 +56,7 @@ __all__ = [
     "SlideImage",
     "image_affine",
     "is_nifti",
+    "nifti_image_header",
     "is_nrrd",
     "open_slide",
     "read_frame",
@@ -49,6 +65,8 @@ __all__ = [
 ]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+#: nibabel decodes scaled voxels (scl_slope/scl_inter set) as float64
+SCALED_BYTES = 8
 VOLUME_FORMATS = "a NIfTI file (.nii, .nii.gz), an NRRD file (.nrrd, .nhdr) or a DICOM series folder"
 
 
@@ -61,42 +79,83 @@ def _reason(error: Exception, path: Path) -> str:
     return reason.replace(str(path), path.name)  # directories may name the patient
 
 
-def _decode_volume(path: Path, what: str) -> tuple[np.ndarray, dict[str, Any]]:
-    """The raw array and MONAI metadata (``affine`` IJK -> RAS) of a volume file or series folder."""
+def _raw_pixdim(path: Path, image: nib.Nifti1Image) -> np.ndarray:
+    """pixdim as the file writes it: nibabel's loader silently turns a 0 into 1 mm."""
+    with ImageOpener(str(path)) as f:
+        return np.asarray(type(image.header).from_fileobj(f, check=False)["pixdim"], dtype=np.float64)
+
+
+def nifti_image_header(path: str | os.PathLike, image: nib.Nifti1Image) -> ImageHeader:
+    """What decoding a loaded (not yet decoded) NIfTI allocates: its voxels as nibabel returns them
+    (float64 when scaled), or their float32 copy; and its voxel sizes as written (pixdim)."""
+    dtype = image.get_data_dtype()
+    slope = float(getattr(image.dataobj, "slope", 1.0))
+    inter = float(getattr(image.dataobj, "inter", 0.0))
+    scaled = (np.isfinite(slope) and slope != 1.0) or (np.isfinite(inter) and inter != 0.0)
+    itemsize = max(dtype.itemsize, FLOAT32_BYTES, SCALED_BYTES if scaled else 0)
+    shape = tuple(int(s) for s in image.shape)
+    spatial = min(len(shape), 3)
+    pixdim = _raw_pixdim(Path(path), image)[1 : 1 + spatial]
+    return ImageHeader(shape=shape, nbytes=int(np.prod(shape)) * itemsize, dtype=dtype,
+                       spacing=tuple(float(v) for v in pixdim), spacing_source="NIfTI pixdim")
+
+
+def _decode_nifti(path: Path, what: str, limits: ImageLimits | None) -> tuple[np.ndarray, dict[str, Any]]:
+    # one reader used directly: ``LoadImage`` falls back to every installed reader when the chosen one
+    # fails, including ``np.load(allow_pickle=True)``, which must never see an uploaded file
+    reader = NibabelReader()
+    try:
+        image = reader.read(str(path))  # the header only: voxels are read by get_data
+        header = nifti_image_header(path, image)
+    except Exception as e:  # any decoder failure means the file is not a readable scan
+        raise InvalidRequest(f"cannot read {what} '{path.name}' with NibabelReader: {_reason(e, path)}", 415) from e
+    check_header(header, path.name, what, limits)
+    check_affine(image.affine, path.name, what)
+    try:
+        return reader.get_data(image)
+    except Exception as e:
+        raise InvalidRequest(f"cannot read {what} '{path.name}' with NibabelReader: {_reason(e, path)}", 415) from e
+
+
+def _decode_volume(path: Path, what: str, limits: ImageLimits | None) -> tuple[np.ndarray, dict[str, Any]]:
+    """The raw array and MONAI metadata (``affine`` IJK -> RAS) of a volume file or series folder, its
+    header checked against ``limits`` first."""
     if path.is_dir():
-        array, affine = read_series(path, what)
+        array, affine = read_series(path, what, limits)
         return array, {"affine": affine, "original_affine": affine, "space": SpaceKeys.RAS}
     if is_nrrd(path):
         try:
-            array, affine, space = read_nrrd(path)
+            array, affine, space = read_nrrd(path, limits, what)
+        except InvalidRequest:
+            raise
         except Exception as e:  # pynrrd raises NRRDError, ValueError, OSError... for a broken file
             raise InvalidRequest(f"cannot read {what} '{path.name}' as NRRD: {_reason(e, path)}", 415) from e
         return array, {"affine": affine, "original_affine": affine, "space": space}
     if is_nifti(path):
-        # one reader used directly: ``LoadImage`` falls back to every installed reader when the chosen one
-        # fails, including ``np.load(allow_pickle=True)``, which must never see an uploaded file
-        reader = NibabelReader()
-        try:
-            return reader.get_data(reader.read(str(path)))
-        except Exception as e:  # any decoder failure means the file is not a readable scan
-            raise InvalidRequest(
-                f"cannot read {what} '{path.name}' with NibabelReader: {_reason(e, path)}", 415
-            ) from e
+        return _decode_nifti(path, what, limits)
     raise InvalidRequest(f"unsupported image format for '{path.name}': send {VOLUME_FORMATS}", 415)
 
 
-def read_volume(path: str | os.PathLike, what: str = "image") -> MetaTensor:
+def read_volume(path: str | os.PathLike, what: str = "image", limits: ImageLimits | None = None) -> MetaTensor:
     """Decode a 3D scan into a float32 ``MetaTensor`` (1, I, J, K) carrying its IJK -> RAS affine.
 
     NIfTI, NRRD (any anatomical space, converted to RAS) and DICOM series folders (slices ordered by
-    position along the slice normal, rescale applied, I = column, J = row, K = slice). Missing files,
-    unreadable formats, 2D or 4D data and NaN voxels are raised as :class:`InvalidRequest` naming the file.
+    position along the slice normal, rescale applied, I = column, J = row, K = slice). The header is
+    checked against ``limits`` (default: :data:`~oncofusion.io.limits.DEFAULT_LIMITS`) before decoding.
+    Missing files, images over the limits, unreadable formats, complex voxels, invalid voxel sizes, 2D or
+    4D data and NaN voxels are raised as :class:`InvalidRequest` naming the file.
     """
     path = Path(path)
     if not str(path) or not path.exists():
         raise InvalidRequest(f"{what} '{path.name or path}' not found", 400)
-    array, meta = _decode_volume(path, what)
+    array, meta = _decode_volume(path, what, limits)
     meta["filename_or_obj"] = str(path)
+    if np.iscomplexobj(array):  # any reader: the float32 cast below would keep the real part silently
+        raise InvalidRequest(
+            f"{what} '{path.name}' has complex voxels ({np.asarray(array).dtype.name}): send the magnitude "
+            "(or phase) image instead",
+            415,
+        )
     try:
         array = np.asarray(array, dtype=np.float32)
     except (TypeError, ValueError) as e:
@@ -132,30 +191,49 @@ def image_affine(path: str | os.PathLike) -> np.ndarray:
     them all)."""
     path = Path(path)
     try:
-        if is_nifti(path):
-            return np.asarray(nib.load(str(path)).affine, dtype=np.float64)
-        if is_nrrd(path):
-            return nrrd_affine(path)
-        if path.is_dir():
-            return series_affine(path)
+        affine = _header_affine(path)
     except InvalidRequest:
         raise
     except Exception as e:
         raise InvalidRequest(f"cannot read the header of '{path.name}': {_reason(e, path)}", 415) from e
-    return np.asarray(read_volume(path).affine, dtype=np.float64)
+    if affine is None:
+        return np.asarray(read_volume(path).affine, dtype=np.float64)
+    check_affine(affine, path.name)
+    return affine
+
+
+def _header_affine(path: Path) -> np.ndarray | None:
+    """The affine of a NIfTI, NRRD or series from its headers, its voxel sizes checked as
+    :func:`read_volume` checks them; None for other paths."""
+    if is_nifti(path):
+        image = nib.load(str(path))
+        header = nifti_image_header(path, image)
+        check_spacing(header.spacing, header.spacing_source, path.name)
+        return np.asarray(image.affine, dtype=np.float64)
+    if is_nrrd(path):
+        return nrrd_affine(path)
+    if path.is_dir():
+        return series_affine(path)
+    return None
 
 
 #: reader kind -> reader; a bundle names the kind of each image input it declares
 READERS: dict[str, Callable[..., Any]] = {"volume": read_volume, "frame": read_frame, "slide": open_slide}
+#: reader kinds that decode pixels, and so take ``limits``; a slide is opened lazily and read by regions
+BOUNDED_KINDS = frozenset({"volume", "frame"})
 
 
-def read_image(path: str | os.PathLike, kind: str = "volume", **options: Any) -> Any:
+def read_image(path: str | os.PathLike, kind: str = "volume", limits: ImageLimits | None = None,
+               **options: Any) -> Any:
     """Read ``path`` with the reader registered for ``kind`` (see :data:`READERS`), passing ``options``
-    (e.g. ``frame=3`` for a cine, ``what="label mask"`` for messages)."""
+    (e.g. ``frame=3`` for a cine, ``what="label mask"`` for messages); a decoding reader checks the
+    header against ``limits`` (default: :data:`~oncofusion.io.limits.DEFAULT_LIMITS`) first."""
     try:
         reader = READERS[kind]
     except (KeyError, TypeError):
         raise ValueError(
             f"unknown image reader kind {kind!r}: use one of {', '.join(sorted(READERS))}"
         ) from None
+    if kind in BOUNDED_KINDS:
+        options["limits"] = limits
     return reader(path, **options)

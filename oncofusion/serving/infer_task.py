@@ -251,7 +251,8 @@ class BundleInferTask(InferTask):
         image_id = request.get("image_id")
         inputs = self.inputs
         primary = inputs.primary
-        image = self.image_cache.get(request["image"], primary.reader)
+        # an upload or a session (no datastore id) is read for this request only, never cached
+        image = self.image_cache.get(request["image"], primary.reader, cache=bool(image_id))
         sidecar = read_sidecar(self.sidecar_dir, image_id)
         images = {primary.name: image, **self._other_images(request, sidecar)}
         loaded = time.time()
@@ -259,7 +260,8 @@ class BundleInferTask(InferTask):
         roi = None
         ignored = [] if inputs.prompt else [k for k in ("foreground", "roi") if request.get(k) not in (None, [], "", "[]")]
         if inputs.prompt:
-            roi = parse_roi(request, tuple(image.shape[1:]), lambda path: read_image(path, primary.reader),
+            roi = parse_roi(request, tuple(image.shape[1:]),
+                            lambda path: read_image(path, primary.reader, limits=self.image_cache.limits),
                             inputs.prompt)
         predictor = self.predictor
         options = getattr(predictor, "config_options", {}) or {}
