@@ -4,7 +4,11 @@ by the command line and the server."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -113,3 +117,37 @@ def test_a_plan_is_complete_only_when_every_config_it_runs_exists(tmp_path):
     assert not plan.is_complete(bundle)  # the image_only overlay is missing
     (bundle / "configs" / "image_only.json").write_text("{}")
     assert plan.is_complete(bundle)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_run_dies_with_the_process_that_started_it():
+    """Server -> task runner -> training run: killing the parent kills the run (it once kept writing)."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c",
+         "import subprocess, time\n"
+         "from oncofusion.training import die_with_parent\n"
+         "run = subprocess.Popen(['sleep', '120'], preexec_fn=die_with_parent)\n"
+         "print(run.pid, flush=True)\n"
+         "time.sleep(120)\n"],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    run_pid = int(parent.stdout.readline())
+    os.kill(run_pid, 0)  # running
+    parent.send_signal(signal.SIGKILL)
+    parent.wait(timeout=10)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.kill(run_pid, 0)
+        except ProcessLookupError:
+            return
+        try:  # reap it if it became our zombie: it is gone either way
+            if os.waitpid(run_pid, os.WNOHANG)[0] == run_pid:
+                return
+        except ChildProcessError:
+            pass
+        with open(f"/proc/{run_pid}/stat") as stat:
+            if stat.read().split()[2] == "Z":
+                return
+        time.sleep(0.2)
+    os.kill(run_pid, signal.SIGKILL)
+    pytest.fail("the training run outlived the process that started it")
