@@ -50,6 +50,7 @@ def test_refused_path_is_not_echoed():
         check_identifier("x y", "'image'")
 
 
+@settings(derandomize=True)
 @given(st.text(max_size=60))
 def test_an_identifier_never_leaves_its_folder(value):
     if is_identifier(value):
@@ -221,7 +222,7 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st
                     max_leaves=12)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, derandomize=True)
 @given(JSON, st.sampled_from([2, 3]))
 def test_parsers_answer_any_json_with_points_or_a_clear_refusal(value, dims):
     for parse in (parse_points, parse_box):
@@ -237,18 +238,18 @@ def test_parsers_answer_any_json_with_points_or_a_clear_refusal(value, dims):
             assert all(a <= b for a, b in zip(lo, hi, strict=True))
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, derandomize=True)
 @given(st.text(max_size=30))
 def test_decode_param_reads_json_text_or_refuses_it(text):
     try:
         value = decode_param(text, "roi")
     except InvalidRequest as e:
         assert "not valid JSON" in str(e)
-    else:
-        assert value is None if not text.strip() else value == json.loads(text)
+    else:  # compared as JSON text: NaN is a valid JSON-ish literal and NaN != NaN
+        assert value is None if not text.strip() else json.dumps(value) == json.dumps(json.loads(text))
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, derandomize=True)
 @given(st.lists(st.tuples(st.integers(-5, 40), st.integers(-5, 40), st.integers(-5, 40)), min_size=1, max_size=4))
 def test_integer_clicks_round_trip(points):
     assert parse_points([list(p) for p in points]) == [tuple(float(c) for c in p) for p in points]
