@@ -75,6 +75,15 @@ def _header_bomb() -> bytes:
 BOMB = _header_bomb()
 
 
+def _small_label() -> bytes:
+    """A valid 4x4x4 label: not the 24x20x16 grid of the fake studies."""
+    image = nib.Nifti1Image(np.ones((4, 4, 4), np.uint8), np.eye(4))
+    return gzip.compress(image.to_bytes())
+
+
+SMALL_LABEL = _small_label()
+
+
 def _infer_cases(model: str) -> list[Case]:
     path = f"/infer/{model}"
     case = "case_bright"
@@ -148,6 +157,10 @@ GENERAL_CASES = [
     Case("label for unknown image", "PUT", "/datastore/label", 404, "not in the datastore",
          query={"image": "case_missing"}, files={"label": ("l.nii.gz", b"x")}),
     Case("label without file", "PUT", "/datastore/label", 422, "no 'label' file", query={"image": "case_bright"}),
+    Case("label that is no image", "PUT", "/datastore/label", 415, "label", query={"image": "case_bright"},
+         files={"label": ("l.nii.gz", b"not an image")}),
+    Case("label on another grid", "PUT", "/datastore/label", 422, "send a label on the study's grid",
+         query={"image": "case_bright"}, files={"label": ("l.nii.gz", SMALL_LABEL)}),
     Case("label params a list", "PUT", "/datastore/label", 422, "must be a JSON object",
          query={"image": "case_bright"}, params=[1], files={"label": ("l.nii.gz", b"x")}),
     Case("image id traversal", "PUT", "/datastore/image", 422, "'image'", query={"image": OUTSIDE},

@@ -22,12 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import nibabel as nib
+import nrrd
 from fastapi import APIRouter, BackgroundTasks, HTTPException, Request
 from monailabel.endpoints.infer import ResultType, send_response
 from monailabel.interfaces.utils.app import app_instance
 from starlette.datastructures import UploadFile
 
 from oncofusion.contract import InvalidRequest
+from oncofusion.io.readers import is_nifti, read_volume
 from oncofusion.serving.forms import check_text_sizes, json_object, read_form
 from oncofusion.serving.identifiers import check_identifier
 
@@ -85,6 +88,27 @@ async def _read_form(request: Request, max_field_bytes: int) -> Any:
         return await read_form(request, max_field_bytes)
     except InvalidRequest as e:
         raise _http(e) from e
+
+
+def _study_shape(image_uri: str) -> tuple[int, ...] | None:
+    """The study's voxel grid from its header (NIfTI, NRRD); None for other kinds (not checked)."""
+    if is_nifti(image_uri):
+        return tuple(int(n) for n in nib.load(image_uri).shape[:3])
+    if image_uri.lower().endswith(".nrrd"):
+        return tuple(int(n) for n in nrrd.read_header(image_uri)["sizes"][:3])
+    return None
+
+
+def check_label_grid(label_path: str, image_uri: str) -> None:
+    """A submitted label must be a readable volume on its study's grid: a label of another size was stored
+    as it came and broke training later."""
+    shape = _study_shape(image_uri)
+    if shape is None:
+        return
+    label_shape = tuple(read_volume(label_path, "label").shape[1:])
+    if label_shape != shape:
+        raise InvalidRequest(f"the label is {'x'.join(map(str, label_shape))} but its study is "
+                             f"{'x'.join(map(str, shape))}: send a label on the study's grid")
 
 
 def _uploads(form: Any, names: tuple[str, ...]) -> dict[str, UploadFile]:
@@ -196,6 +220,7 @@ def build_router(limits: EndpointLimits) -> APIRouter:
             if not instance.datastore().get_image_uri(image):
                 raise InvalidRequest(f"image '{image}' is not in the datastore", 404)
             with saved_upload(uploads["label"]) as path:
+                check_label_grid(path, instance.datastore().get_image_uri(image))
                 label_id = instance.datastore().save_label(image, path, check_identifier(tag, "'tag'"), params)
             return {**(instance.on_save_label(image, label_id) or {}), "image": image, "label": label_id}
         except InvalidRequest as e:
