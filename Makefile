@@ -10,6 +10,8 @@ BONE_DIR := sample_data/bone
 DEMO_DIR := sample_data/demo
 SAMPLE_CASES ?= 120
 BONE_CASES ?= 200
+THYROID_DIR := sample_data/thyroid
+THYROID_CASES ?= 200
 
 .PHONY: setup sample-data demo-weights demo demo-pacs test test-fast bench stress lint clean mutation
 
@@ -30,13 +32,20 @@ $(SAMPLE_DIR)/manifest.json: sample_data/generate_lung.py sample_data/common.py 
 $(BONE_DIR)/manifest.json: sample_data/generate_bone.py sample_data/common.py | setup
 	$(PY) -m sample_data.generate_bone --out $(BONE_DIR) --num-cases $(BONE_CASES) --seed 0
 
+$(THYROID_DIR)/manifest.json: sample_data/generate_thyroid.py sample_data/common.py | setup
+	$(PY) -m sample_data.generate_thyroid --out $(THYROID_DIR) --num-cases $(THYROID_CASES) --seed 0
+
 # one MONAI Label datastore holding every bundle's sample studies (links, no copies)
 $(DEMO_DIR)/.ready: $(SAMPLE_DIR)/manifest.json $(BONE_DIR)/manifest.json
+$(DEMO_DIR)/.ready: $(THYROID_DIR)/manifest.json
 	mkdir -p $(DEMO_DIR)/sidecars
 	for d in $(SAMPLE_DIR) $(BONE_DIR); do \
 		ln -sf "$$(realpath $$d/datastore)"/*.nii.gz $(DEMO_DIR)/; \
 		ln -sf "$$(realpath $$d/datastore/sidecars)"/*.json $(DEMO_DIR)/sidecars/; \
 	done
+	ln -sf "$$(realpath $(THYROID_DIR)/datastore)"/*.dcm $(DEMO_DIR)/
+	ln -sf "$$(realpath $(THYROID_DIR)/datastore/sidecars)"/*.json $(DEMO_DIR)/sidecars/
+	$(PY) -m sample_data.real_ultrasound --out $(DEMO_DIR)
 	touch $@
 
 # Demo weights (committed) are trained on the synthetic sample sets when they are missing.
@@ -49,6 +58,13 @@ bundles/lung_nodule_clip/models/fold0/model.pt: | $(SAMPLE_DIR)/manifest.json
 # every variant of the plan (SC-Net fusion and the image-only S-Net), 5 folds each
 $(BONE_BUNDLE)/models/fold0/model.pt: | $(BONE_DIR)/manifest.json
 	$(PY) -m oncofusion.cli train --bundle $(BONE_BUNDLE) --datalist-file $(BONE_DIR)/manifest.json
+
+# every variant of the plan (LLNM-Net fusion and its image-only, report-only, scalars-only ablations), 5 folds
+# each, with the CPU demo recipe (configs/cpu_demo.json)
+THYROID_BUNDLE := bundles/thyroid_llnm
+demo-weights: $(THYROID_BUNDLE)/models/fold0/model.pt
+$(THYROID_BUNDLE)/models/fold0/model.pt: | $(THYROID_DIR)/manifest.json
+	$(PY) -m oncofusion.cli train --bundle $(THYROID_BUNDLE) --datalist-file $(THYROID_DIR)/manifest.json
 
 demo: setup sample-data demo-weights
 	$(PY) -m monailabel.main start_server --app apps/oncofusion --studies $(DEMO_DIR) \
@@ -104,4 +120,4 @@ lint: setup
 	$(VENV)/bin/ruff check oncofusion apps bundles sample_data tests bench plugins
 
 clean:
-	rm -rf $(VENV) $(SAMPLE_DIR) $(BONE_DIR) $(DEMO_DIR) runs
+	rm -rf $(VENV) $(SAMPLE_DIR) $(BONE_DIR) $(THYROID_DIR) $(DEMO_DIR) runs

@@ -147,12 +147,18 @@ def main() -> None:
     from bench.bone import bench_bone
 
     results["bone_tumor_matrix"] = bench_bone()
+    from bench.thyroid import bench_thyroid
+
+    results["thyroid_llnm"] = bench_thyroid()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2))
     print(table(results))
     bone = results["bone_tumor_matrix"]
     print("\nbone_tumor_matrix: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                              for k, v in bone.items()))
+    thyroid = results["thyroid_llnm"]
+    print("\nthyroid_llnm: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                        for k, v in thyroid.items()))
     print(f"\nwrote {RESULTS}")
 
 

@@ -28,6 +28,21 @@ def _shape_text(shape: Sequence[int]) -> str:
     return "x".join(str(int(s)) for s in shape)
 
 
+def radius_option(fields: Mapping[str, Any], name: str, default: float, maximum: float, limit: str = "") -> float:
+    """A click's radius in mm from the request field ``name``: ``default`` when absent or blank, else a number
+    in ``(0, maximum]`` (``limit`` says why the maximum, e.g. " (the crop size)")."""
+    value = fields.get(name)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return default
+    try:
+        radius = float(value)
+    except (TypeError, ValueError):
+        raise InvalidRequest(f"{name} {value!r} is not a number of mm") from None
+    if not 0 < radius <= maximum:
+        raise InvalidRequest(f"{name} {radius:g} is outside 0-{maximum:g} mm{limit}")
+    return radius
+
+
 @dataclass
 class Context:
     """What one prediction knows before the model runs."""

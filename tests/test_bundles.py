@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from tests.conftest import BUNDLES, SCHEMA, run_bundle
 
-pytest_plugins = ["tests.conftest_bone"]
+pytest_plugins = ["tests.conftest_bone", "tests.conftest_thyroid"]
 pytestmark = pytest.mark.slow
 
 
@@ -39,7 +39,8 @@ def test_metadata_verifies_against_the_bundle_schema(bundle: Path, tmp_path):
 # the tiny data set each bundle's multi-GPU config is parsed on, and overrides that keep it small (and give the
 # validation split a case for each of two ranks)
 TINY_DATA = {"lung_nodule_clip": ("tiny_lung_data", {"view_pixels": 32, "validation_fraction": 0.4}),
-             "bone_tumor_matrix": ("tiny_bone_data", {"validation_fraction": 0.4})}
+             "bone_tumor_matrix": ("tiny_bone_data", {"validation_fraction": 0.4}),
+             "thyroid_llnm": ("tiny_thyroid_data", {"validation_fraction": 0.4})}
 # handlers that write checkpoints, logs or event files: on every rank but 0 they would race on the same files
 RANK_ZERO_ONLY = {"CheckpointSaver", "StatsHandler", "TensorBoardStatsHandler"}
 

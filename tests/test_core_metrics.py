@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
+from oncofusion.evaluation.comparison import threshold_section, training_fold_thresholds
 from oncofusion.metrics.classification import (
     Estimate,
     auprc,
@@ -26,6 +27,7 @@ from oncofusion.metrics.threshold import (
     f1_score,
     sensitivity,
     specificity,
+    youden_threshold,
 )
 
 RNG = np.random.default_rng(7)
@@ -265,3 +267,22 @@ def test_fractional_labels_are_refused_not_truncated(labels):
     with pytest.raises(ValueError, match="labels must be 0 or 1"):
         delong_test(np.array(labels), np.array(scores), np.array(scores[::-1]))
     assert auroc(np.array([0.0, 1.0, 1.0, 0.0]), np.array(scores)) == 1.0  # whole floats are classes
+
+
+def test_youden_threshold_separates_separable_scores_halfway_between_the_classes():
+    assert youden_threshold(np.array([0, 0, 1, 1]), np.array([0.1, 0.3, 0.7, 0.9])) == pytest.approx(0.5)
+    assert youden_threshold(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.3, 0.9])) == pytest.approx(0.25)
+    # overlapping classes: 2 of 3 positives and no negative above 0.475 (J = 2/3) beats every lower cut
+    labels, scores = np.array([0, 0, 0, 0, 1, 1, 1]), np.array([0.1, 0.2, 0.4, 0.45, 0.35, 0.5, 0.6])
+    assert youden_threshold(labels, scores) == pytest.approx(0.475)
+    assert youden_threshold(np.array([1, 1]), np.array([0.2, 0.9])) == 0.5  # one class: no choice to make
+
+
+def test_training_fold_thresholds_leave_the_fold_out_and_score_each_case_at_its_folds_threshold():
+    """Fold k's threshold is chosen without fold k: its own cases would leak the test labels."""
+    rows = [{"fold": 0, "label": 0, "p": 0.1}, {"fold": 0, "label": 1, "p": 0.2},
+            {"fold": 1, "label": 0, "p": 0.6}, {"fold": 1, "label": 1, "p": 0.8}]
+    assert training_fold_thresholds(rows, "p") == {0: pytest.approx(0.7), 1: pytest.approx(0.15)}
+    section = threshold_section({"m": rows}, "p", num_bootstrap=20)["m"]
+    # fold 0 at 0.7: both negative (1 of 2 right); fold 1 at 0.15: both positive (1 of 2 right)
+    assert section["accuracy"]["value"] == pytest.approx(0.5) and section["sensitivity"]["value"] == pytest.approx(0.5)

@@ -7,6 +7,7 @@ Every expectation is a known pixel value or a known world position, never the re
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import warnings
 from pathlib import Path
 
@@ -514,7 +515,7 @@ def test_frame_bad_inputs(tmp_path):
     with pytest.raises(InvalidRequest, match="unsupported image format for 'notes.txt'") as e:
         read_frame(tmp_path / "notes.txt")
     assert e.value.status_code == 415
-    with pytest.raises(InvalidRequest, match="is a folder") as e:
+    with pytest.raises(InvalidRequest, match="is a folder of 2 files") as e:
         read_frame(tmp_path)
     assert e.value.status_code == 415
     Image.fromarray(np.zeros((1, 5), np.uint8)).save(tmp_path / "line.png")
@@ -646,3 +647,11 @@ def test_read_image_dispatches_by_kind(tmp_path, cine, slide_path):
         read_image(cine[0], "video")
     with pytest.raises(InvalidRequest, match="unsupported image format for 'cine.dcm'"):
         read_image(cine[0], "volume")  # one DICOM file is not a series
+
+
+def test_a_one_instance_series_folder_is_read_as_its_file(tmp_path):
+    """A DICOMweb datastore downloads an ultrasound series as a folder holding its one instance."""
+    series = tmp_path / "1.2.840.series"
+    series.mkdir()
+    shutil.copy(shipped_file("OBXXXX1A.dcm"), series / "instance.dcm")
+    torch.testing.assert_close(read_frame(series), read_frame(shipped_file("OBXXXX1A.dcm")))

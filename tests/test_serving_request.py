@@ -23,6 +23,7 @@ from oncofusion.serving.request import (
     parse_box,
     parse_points,
     parse_roi,
+    prompt_on_frame,
     read_sidecar,
     request_fields,
 )
@@ -94,6 +95,31 @@ def test_prompts_take_the_dimension_of_the_image():
     assert roi.points == [(3.0, 4.0)] and roi.background == [(1.0, 1.0)] and roi.spatial_dims == 2
     with pytest.raises(InvalidRequest, match=r"ROI point \(12, 1\) lies outside image 10x8"):
         parse_roi({"foreground": [[3, 4]], "background": [[12, 1]]}, (10, 8))
+
+
+def test_slicer_clicks_on_a_2d_model_carry_the_frame_as_k():
+    """Slicer sends a ``dimension: 2`` model ``[i, j, k]`` with k the slice (a cine's frame)."""
+    request = {"foreground": [[30, 40, 5]], "background": "[[1, 2, 5]]", "roi": [9, 2, 1, 7, 5, 5], "slice": 5}
+    flat, frame = prompt_on_frame(request)
+    assert frame == 5
+    assert flat["foreground"] == [[30, 40]] and flat["background"] == [[1, 2]] and flat["roi"] == [9, 2, 1, 7]
+    assert parse_roi(flat, (64, 64)).box == ((2.0, 1.0), (9.0, 7.0))
+    assert prompt_on_frame({"roi": [[9, 1, 2], [2, 7, 2]]}) == ({"roi": [[9, 1], [2, 7]]}, 2)
+    assert prompt_on_frame({"foreground": [3, 4, 0.4]})[0]["foreground"] == [3, 4]  # a single point stays one
+    untouched = {"foreground": [[3, 4]], "frame": "7"}
+    assert prompt_on_frame(untouched) == (untouched, "7")  # 2D clicks: the frame option decides
+    assert prompt_on_frame({"foreground": [[3, 4, 7]], "frame": "7"})[1] == "7"
+
+
+@pytest.mark.parametrize("request_, message", [
+    ({"foreground": [[1, 2, 0], [3, 4, 1]]}, r"the prompt lies on frames \[0, 1\]"),
+    ({"foreground": [[1, 2, 3]], "roi": [0, 4, 0, 4, 2, 2]}, r"frames \[2, 3\]"),
+    ({"foreground": [[1, 2, 3]], "frame": 4}, "'frame' is 4 but the prompt was placed on frame 3"),
+    ({"foreground": [[1, 2, "x"]]}, r"'foreground' point's k \(frame\) has a non-numeric coordinate 'x'"),
+])
+def test_a_prompt_across_frames_or_against_the_frame_option_is_refused(request_, message):
+    with pytest.raises(InvalidRequest, match=message):
+        prompt_on_frame(request_)
 
 
 def test_prompt_kinds_a_model_does_not_take_are_refused():

@@ -59,7 +59,7 @@ _ensure_importable(REPO_ROOT)
 from oncofusion.contract import InvalidRequest  # noqa: E402
 from oncofusion.io.cache import ImageCache  # noqa: E402
 from oncofusion.io.limits import ImageLimits  # noqa: E402
-from oncofusion.serving.datastore import DurableLocalDatastore  # noqa: E402
+from oncofusion.serving.datastore import DurableLocalDatastore, with_single_file_dicom  # noqa: E402
 from oncofusion.serving.discovery import discover_bundles  # noqa: E402
 from oncofusion.serving.hardening import harden, settings_from_conf  # noqa: E402
 from oncofusion.serving.identifiers import check_identifier  # noqa: E402
@@ -121,7 +121,7 @@ class OncoFusionApp(MONAILabelApp):
             return super().init_datastore()
         return DurableLocalDatastore(
             self.studies,
-            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            extensions=with_single_file_dicom(settings.MONAI_LABEL_DATASTORE_FILE_EXT),
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
         )

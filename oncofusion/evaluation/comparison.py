@@ -20,7 +20,7 @@ import numpy as np
 
 from oncofusion.metrics.classification import auprc, auroc, bootstrap, roc_curve
 from oncofusion.metrics.delong import delong_interval, delong_test
-from oncofusion.metrics.threshold import THRESHOLD_METRICS, confusion
+from oncofusion.metrics.threshold import THRESHOLD_METRICS, confusion, youden_threshold
 
 logger = logging.getLogger(__name__)
 
@@ -155,4 +155,62 @@ def write_comparison(predictions: Mapping[str, Sequence[Mapping[str, Any]]], out
         logger.info("%s: AUROC %s on %s", name, _ci(m["auroc"]), data_description)
     for c in report["comparisons"]:
         logger.info("%s vs %s: AUROC difference %+.3f, DeLong p %.4f", c["a"], c["b"], c["difference"], c["p_value"])
+    return report
+
+
+# -- thresholds chosen on the training folds --------------------------------------------------------
+def training_fold_thresholds(rows: Sequence[Mapping[str, Any]], score_key: str, label_key: str = "label"
+                             ) -> dict[int, float]:
+    """For each fold ``k``: :func:`youden_threshold` on the out-of-fold scores of the other folds' cases (the
+    cases fold ``k``'s model trained on, each scored by a model that did not train on it)."""
+    folds = np.array([int(r["fold"]) for r in rows])
+    labels = np.array([int(r[label_key]) for r in rows])
+    scores = np.array([float(r[score_key]) for r in rows])
+    return {int(k): youden_threshold(labels[folds != k], scores[folds != k]) for k in np.unique(folds)}
+
+
+def threshold_section(predictions: Mapping[str, Sequence[Mapping[str, Any]]], score_key: str,
+                      num_bootstrap: int = 1000, label_key: str = "label") -> dict[str, Any]:
+    """Per model: the threshold of each fold (:func:`training_fold_thresholds`) and accuracy, sensitivity,
+    specificity and F1 of every case at its own fold's threshold, with bootstrap 95 % CIs."""
+    section: dict[str, Any] = {}
+    for name, rows in predictions.items():
+        thresholds = training_fold_thresholds(rows, score_key, label_key)
+        labels = np.array([int(r[label_key]) for r in rows])
+        # shifting each score by its fold's threshold turns "score >= t_fold" into "shifted >= 0.5"
+        shifted = np.array([float(r[score_key]) - thresholds[int(r["fold"])] + 0.5 for r in rows])
+        section[name] = {"thresholds": {str(k): round(v, 4) for k, v in thresholds.items()}}
+        for metric_name, metric in THRESHOLD_METRICS.items():
+            section[name][metric_name] = bootstrap(metric, labels, shifted, num_bootstrap).to_dict()
+    return section
+
+
+def write_ablation_report(predictions: Mapping[str, Sequence[Mapping[str, Any]]], output_dir: str | Path,
+                          data_description: str, score_key: str, num_bootstrap: int = 1000, threshold: float = 0.5,
+                          reference: Mapping[str, Any] | None = None, out_of_fold: bool = True) -> dict[str, Any]:
+    """The comparison report (every variant's AUROC/AUPRC with CIs, DeLong tests of the first against each
+    other, threshold metrics at ``threshold``) plus, out of fold, the threshold metrics at thresholds chosen
+    on the training folds; ``report.json``, ``report.md``, ``roc.png`` in ``output_dir``."""
+    report = write_comparison(predictions, output_dir, data_description, score_key, num_bootstrap, threshold,
+                              reference=reference)
+    if not out_of_fold:
+        return report
+    section = threshold_section(predictions, score_key, num_bootstrap)
+    report["threshold_from_training_folds"] = {
+        "method": "per fold k, the threshold maximising Youden's J on the out-of-fold scores of the other folds' "
+                  "cases (the training folds of k's model); each case is classified at its own fold's threshold",
+        "models": section,
+    }
+    output_dir = Path(output_dir)
+    (output_dir / "report.json").write_text(json.dumps(report, indent=2))
+    lines = ["", "## Threshold chosen on the training folds", "", report["threshold_from_training_folds"]["method"] + ".",
+             "", "| model | thresholds by fold | accuracy | sensitivity | specificity | F1 |", "|---|---|---|---|---|---|"]
+    for name, m in section.items():
+        thresholds = ", ".join(f"{k}: {v:.2f}" for k, v in m["thresholds"].items())
+        lines.append(f"| {name} | {thresholds} | {_ci(m['accuracy'])} | {_ci(m['sensitivity'])} | "
+                     f"{_ci(m['specificity'])} | {_ci(m['f1'])} |")
+    with open(output_dir / "report.md", "a") as markdown:
+        markdown.write("\n".join(lines) + "\n")
+    for name, m in section.items():
+        logger.info("%s: accuracy %s at training-fold thresholds", name, _ci(m["accuracy"]))
     return report

@@ -366,6 +366,18 @@ def _read_pil(
 
 
 # -- entry point -------------------------------------------------------------------------------------
+def _only_file(folder: Path, what: str) -> Path:
+    """The one file of a one-instance series folder, as a DICOMweb datastore downloads an ultrasound series;
+    a folder of several images is refused, since which capture the user meant cannot be known."""
+    files = sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith("."))
+    if len(files) != 1:
+        raise InvalidRequest(
+            f"{what} '{folder.name}' is a folder of {len(files)} files: a 2D frame is one DICOM (a single "
+            "frame or a cine), PNG or JPEG file; send one capture", 415
+        )
+    return files[0]
+
+
 def read_frame(
     path: str | os.PathLike, frame: int | str | None = None, what: str = "image", limits: ImageLimits | None = None
 ) -> MetaTensor:
@@ -379,9 +391,7 @@ def read_frame(
     if not str(path) or not path.exists():
         raise InvalidRequest(f"{what} '{path.name or path}' not found", 400)
     if path.is_dir():
-        raise InvalidRequest(
-            f"{what} '{path.name}' is a folder: a 2D frame is one DICOM, PNG or JPEG file", 415
-        )
+        path = _only_file(path, what)
     if _is_dicom(path):
         channels, meta = _read_dicom(path, frame, what, limits)
     elif path.suffix.lower() in PIL_SUFFIXES:

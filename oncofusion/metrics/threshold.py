@@ -1,7 +1,8 @@
 """Metrics of hard decisions at a probability threshold: accuracy, sensitivity, specificity, F1.
 
 The papers report these next to the AUROC; they depend on the threshold, which is therefore part of
-every result (0.5 on the ensemble's probability unless a config says otherwise).
+every result (0.5 on the ensemble's probability unless a config says otherwise, or chosen on training
+data by :func:`youden_threshold`).
 """
 
 from __future__ import annotations
@@ -51,3 +52,20 @@ def f1_score(labels: np.ndarray, probabilities: np.ndarray, threshold: float = 0
 
 
 THRESHOLD_METRICS = {"accuracy": accuracy, "sensitivity": sensitivity, "specificity": specificity, "f1": f1_score}
+
+
+def youden_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The threshold (``score >= t`` is positive) maximising sensitivity + specificity - 1, halfway between
+    two neighbouring scores; 0.5 when a class is absent."""
+    labels, scores = np.asarray(labels, int), np.asarray(scores, float)
+    if labels.sum() in (0, labels.size):
+        return 0.5
+    values = np.unique(scores)
+    candidates = np.concatenate([[values[0] - 1e-6], (values[1:] + values[:-1]) / 2.0, [values[-1] + 1e-6]])
+    positives, negatives = labels == 1, labels == 0
+    best, chosen = -np.inf, 0.5
+    for t in candidates:
+        j = np.mean(scores[positives] >= t) - np.mean(scores[negatives] >= t)
+        if j > best + 1e-12:
+            best, chosen = j, float(t)
+    return chosen

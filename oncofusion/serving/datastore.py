@@ -107,6 +107,14 @@ def repair_datastore_file(config_path: str | os.PathLike) -> Repair:
     return "rebuilt"
 
 
+def with_single_file_dicom(extensions: Any) -> list[str]:
+    """The datastore's file patterns plus ``*.dcm``: stock lists no DICOM file, so an ultrasound frame or
+    cine loop dropped into the studies folder (one file each) was invisible. Only the folder's top level is
+    listed, so a CT series kept in its own sub-folder does not become one study per slice."""
+    patterns = list(extensions)
+    return patterns if "*.dcm" in patterns else [*patterns, "*.dcm"]
+
+
 class DurableLocalDatastore(LocalDatastore):
     """``LocalDatastore`` whose files are written atomically and whose JSON is repaired at start-up.
 

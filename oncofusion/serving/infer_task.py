@@ -32,12 +32,14 @@ from oncofusion.io.cache import ImageCache
 from oncofusion.io.readers import read_image
 from oncofusion.serving.identifiers import check_identifier
 from oncofusion.serving.request import (
+    FRAME_OPTION,
     check_known_fields,
     contradictions,
     decode_param,
     field_sources,
     merge_fields,
     parse_roi,
+    prompt_on_frame,
     read_sidecar,
 )
 from oncofusion.serving.writers import label_array, label_extension, write_label
@@ -232,7 +234,12 @@ class BundleInferTask(InferTask):
 
     def config(self) -> dict[str, Any]:
         predictor = self._try_predictor()
-        return copy.deepcopy(dict(getattr(predictor, "config_options", {}) or {})) if predictor else {}
+        if predictor is None:
+            return {}
+        options = copy.deepcopy(dict(getattr(predictor, "config_options", {}) or {}))
+        if self.inputs.dimension == 2:  # blank: the frame the clicks were placed on, else the sharpest
+            options.setdefault(FRAME_OPTION, "")
+        return options
 
     def info(self) -> dict[str, Any]:
         info = super().info()  # calls config(), which builds the predictor and fills self.labels
@@ -251,8 +258,13 @@ class BundleInferTask(InferTask):
         image_id = request.get("image_id")
         inputs = self.inputs
         primary = inputs.primary
+        frame_options: dict[str, Any] = {}
+        if self.inputs.dimension == 2:  # a client's [i, j, k] clicks: k is the frame of the cine
+            request, frame = prompt_on_frame(request)
+            if frame is not None:
+                frame_options[FRAME_OPTION] = frame
         # an upload or a session (no datastore id) is read for this request only, never cached
-        image = self.image_cache.get(request["image"], primary.reader, cache=bool(image_id))
+        image = self.image_cache.get(request["image"], primary.reader, cache=bool(image_id), **frame_options)
         sidecar = read_sidecar(self.sidecar_dir, image_id)
         images = {primary.name: image, **self._other_images(request, sidecar)}
         loaded = time.time()
@@ -297,7 +309,8 @@ class BundleInferTask(InferTask):
         if prediction.label is not None and os.path.isdir(request["image"]) and self._stores_dicom():
             result["dicom"] = self._store_dicom(request["image"], label_array(prediction.label, tuple(image.shape[1:])),
                                                 result, roi, predictor)
-        warnings = contradictions(request, sidecar, self.target_keys)
+        # the predictor's own warnings (a truncated report, an ignored option) come first
+        warnings = [*result.get("warnings", []), *contradictions(request, sidecar, self.target_keys)]
         if roi is not None and roi.mask is None and roi.box is None and len(roi.points) > 1:
             warnings.append(f"{len(roi.points)} clicks sent: the last one, {list(roi.points[-1])}, is the lesion")
         if warnings:
@@ -345,7 +358,8 @@ class BundleInferTask(InferTask):
     def _known_fields(self, options: dict[str, Any]) -> set[str]:
         """Parameter names this model reads: its options, declared texts and clinical fields."""
         declared = self.inputs.fields.names if self.inputs.fields is not None else ()
-        return {*options, *self.inputs.texts, *declared}
+        frame = (FRAME_OPTION,) if self.inputs.dimension == 2 else ()
+        return {*options, *self.inputs.texts, *declared, *frame}
 
     def _other_images(self, request: dict[str, Any], sidecar: dict[str, Any]) -> dict[str, Any]:
         """The non-primary image inputs: datastore ids from the request's ``images``, else the sidecar's."""

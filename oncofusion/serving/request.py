@@ -209,6 +209,66 @@ def read_mask(
     return mask_np
 
 
+#: the request option that picks the frame of a cine; a 2D model's clients may also give it as a click's k
+FRAME_OPTION = "frame"
+
+
+def _on_frame(value: Any, name: str, frames: set[int]) -> Any:
+    """Points ``[i, j, k]`` -> ``[i, j]``, recording each ``k`` in ``frames``; 2D points pass unchanged."""
+    points = decode_param(value, name)
+    if not _is_sequence(points) or not points:
+        return value
+    single = not any(_is_sequence(p) for p in points)
+    flat = []
+    for point in [points] if single else points:
+        if _is_sequence(point) and len(point) == 3:
+            frames.add(math.floor(_number(point[2], name, "point's k (frame)") + 0.5))
+            point = list(point[:2])
+        flat.append(point)
+    return flat[0] if single else flat
+
+
+def _box_on_frame(value: Any, frames: set[int]) -> Any:
+    """A 3D box (two ``[i, j, k]`` corners or Slicer's flat ``[i0, i1, j0, j1, k0, k1]``) -> its 2D box,
+    recording the frame(s) it spans."""
+    box = decode_param(value, "roi")
+    if not _is_sequence(box):
+        return value
+    if len(box) == 2 and all(_is_sequence(c) and len(c) == 3 for c in box):
+        frames.update(math.floor(_number(c[2], "roi", "corner's k (frame)") + 0.5) for c in box)
+        return [list(c[:2]) for c in box]
+    if len(box) == 6 and not any(_is_sequence(v) for v in box):
+        frames.update(math.floor(_number(v, "roi", "k (frame)") + 0.5) for v in box[4:])
+        return list(box[:4])
+    return value
+
+
+def prompt_on_frame(request: Mapping[str, Any]) -> tuple[dict[str, Any], int | None]:
+    """A 2D model's request with its prompt on the frame grid, and the frame the prompt lies on.
+
+    Slicer sends a ``dimension: 2`` model every click as ``[i, j, k]`` with ``k`` the slice it was placed
+    on, which for a cine loaded as a volume is the frame. The frame is that ``k`` (``None`` when the client
+    sent ``[i, j]``); clicks on different frames, or a ``frame`` option that contradicts them, are refused
+    rather than answered on a frame the user did not look at.
+    """
+    frames: set[int] = set()
+    flat = dict(request)
+    for name in ("foreground", "background"):
+        if request.get(name) not in (None, "", [], "[]"):
+            flat[name] = _on_frame(request[name], name, frames)
+    if request.get("roi") not in (None, "", [], "[]"):
+        flat["roi"] = _box_on_frame(request["roi"], frames)
+    if len(frames) > 1:
+        raise InvalidRequest(f"the prompt lies on frames {sorted(frames)}: place every click and the box on one frame")
+    prompt_frame = next(iter(frames), None)
+    asked = request.get(FRAME_OPTION)
+    if asked in (None, ""):
+        return flat, prompt_frame
+    if prompt_frame is not None and str(asked).strip() != str(prompt_frame):
+        raise InvalidRequest(f"'{FRAME_OPTION}' is {asked} but the prompt was placed on frame {prompt_frame}")
+    return flat, asked
+
+
 #: prompt kinds as a user names them
 KIND_NAMES = {"points": "clicks", "box": "a box", "mask": "a mask", "background": "negative (background) clicks"}
 

@@ -13,13 +13,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from oncofusion.contract import InputSpec, InvalidRequest
+from oncofusion.contract import InputSpec
 from oncofusion.data.clinical import ClinicalSchema
 from oncofusion.data.roi import roi_extent_mm, roi_region
 from oncofusion.ensemble import Ensemble
 from oncofusion.explain.attribution import field_contributions, integrated_gradients
 from oncofusion.explain.gradcam import gradcam_map, heat_levels
-from oncofusion.predictor import Context, PredictorTemplate
+from oncofusion.predictor import Context, PredictorTemplate, radius_option
 from oncofusion.transforms.cube_to_image import cube_to_image
 
 logger = logging.getLogger(__name__)
@@ -76,16 +76,7 @@ class SCNetPredictor(PredictorTemplate):
         return self.schema.validate(fields) if self.fusion else {}
 
     def _radius(self, fields: Mapping[str, Any]) -> float:
-        value = fields.get(RADIUS_OPTION, self.click_radius_mm)
-        if value is None or (isinstance(value, str) and not value.strip()):
-            return self.click_radius_mm
-        try:
-            radius = float(value)
-        except (TypeError, ValueError):
-            raise InvalidRequest(f"{RADIUS_OPTION} {value!r} is not a number") from None
-        if not 0 < radius <= self.crop_size_mm:
-            raise InvalidRequest(f"{RADIUS_OPTION} {radius:g} is outside 0-{self.crop_size_mm:g} mm (the crop size)")
-        return radius
+        return radius_option(fields, RADIUS_OPTION, self.click_radius_mm, self.crop_size_mm, " (the crop size)")
 
     def patch(self, image: torch.Tensor, center_mm: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         """The CT patch ``(1, 1, N, N, N)`` around ``center_mm`` and its affine."""

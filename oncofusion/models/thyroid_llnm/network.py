@@ -494,9 +494,14 @@ class LLNMNet(nn.Module):
                 attention_mask: torch.Tensor | None = None, scalars: torch.Tensor | None = None,
                 return_attention: bool = False):
         tokens, mask, attentions = self.encode(image, input_ids, attention_mask, scalars, return_attention)
-        weights = mask.unsqueeze(-1).to(tokens.dtype)
-        logits = self.head((tokens * weights).sum(dim=1) / weights.sum(dim=1))
+        logits = self.classify(tokens, mask)
         return (logits, attentions) if return_attention else logits
+
+    def classify(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Encoded tokens ``(B, N, D)`` and their validity ``(B, N)`` -> logits: the head on the mean of
+        the valid tokens."""
+        weights = mask.unsqueeze(-1).to(tokens.dtype)
+        return self.head((tokens * weights).sum(dim=1) / weights.sum(dim=1))
 
     @torch.no_grad()
     def load_pretrained_vit(self, pretrained: str) -> None:

@@ -1,0 +1,150 @@
+"""The thyroid bundle served by a real MONAI Label server on loopback, on the real ultrasound DICOM files shipped
+with pydicom-data (``sample_data/real_ultrasound.py``) dropped into a local datastore (and one stored in an Orthanc PACS): the 2D deepgrow task in
+/info, Slicer's ``[i, j, k]`` clicks and flat boxes, a cine's frame, the report from the study's sidecar,
+and the bad inputs a clinician or a script sends, each answered 4xx naming what is wrong."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import requests
+
+from oncofusion.serving.launcher import LocalOrthanc, LocalServer
+from sample_data.real_ultrasound import REAL_ULTRASOUND, link_into, shipped_ultrasound
+
+pytestmark = pytest.mark.server
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = "thyroid_llnm"
+START_TIMEOUT_S = 240
+SIDECAR = {"bundle": MODEL, "report": "Solid hypoechoic nodule with irregular margin and microcalcifications.",
+           "age": 38, "sex": "female"}
+FORM = {"report": "Solid hypoechoic nodule, smooth margin.", "age": 52, "sex": "male"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("thyroid_server")
+    studies = root / "studies"
+    (studies / "sidecars").mkdir(parents=True)
+    link_into(studies)
+    (studies / "sidecars" / "us_real_palette.json").write_text(json.dumps(SIDECAR))
+    conf = {"bundles": str(REPO / "bundles"), "models": MODEL, "runs": str(root / "runs"), "device": "cpu"}
+    with LocalServer(studies, root, conf, start_timeout_s=START_TIMEOUT_S) as live:
+        yield live.url
+
+
+def infer(url: str, image: str, params: dict, model: str = MODEL) -> requests.Response:
+    """``POST /infer`` as Slicer sends it: the params as a JSON form field, the label back as multipart."""
+    return requests.post(f"{url}/infer/{model}", params={"image": image, "output": "all"}, timeout=300,
+                         files={"params": (None, json.dumps(params))})
+
+
+def answer_of(response: requests.Response, tmp_path: Path) -> tuple[dict, np.ndarray]:
+    """The JSON result and the label of a multipart ``output=all`` answer."""
+    assert response.status_code == 200, response.text
+    from requests_toolbelt.multipart.decoder import MultipartDecoder
+
+    parts = MultipartDecoder.from_response(response).parts
+    result = json.loads(next(p.text for p in parts if b"json" in p.headers.get(b"Content-Type", b"")))
+    label_part = next(p for p in parts if b"json" not in p.headers.get(b"Content-Type", b""))
+    label_file = tmp_path / "label.nii.gz"
+    label_file.write_bytes(label_part.content)
+    return result, np.asarray(nib.load(label_file).dataobj)
+
+
+def test_info_declares_a_2d_click_model_with_report_demographics_and_frame(server):
+    model = requests.get(f"{server}/info/", timeout=60).json()["models"][MODEL]
+    assert model["type"] == "deepgrow" and model["dimension"] == 2
+    assert model["labels"] == ["nodule"]
+    assert {"report", "age", "sex", "frame", "pixel_size_mm", "click_radius_mm"} <= set(model["config"])
+
+
+def test_dicom_ultrasound_files_dropped_into_the_datastore_are_listed(server):
+    listed = requests.get(f"{server}/datastore/", params={"output": "all"}, timeout=60).json()
+    assert set(REAL_ULTRASOUND) <= set(listed["objects"])
+
+
+def test_a_slicer_box_on_a_real_ultrasound_answers_a_probability_and_an_overlay(server, tmp_path):
+    """Slicer's flat box ``[i0, i1, j0, j1, k0, k1]`` on the single frame (k = 0); the report, age and sex
+    come from the study's sidecar because the form is blank."""
+    box = [260, 340, 170, 250, 0, 0]
+    result, label = answer_of(infer(server, "us_real_palette",
+                                    {"roi": box, "report": "", "age": "", "sex": "", "slice": 0}), tmp_path)
+    assert 0.0 < result["llnm_probability"] < 1.0
+    assert result["prediction"] in ("LLNM", "no LLNM")
+    assert result["roi"]["prompt"] == "box"
+    assert result["frame"]["spacing_source"] == "ultrasound_region"
+    assert {k: result["field_sources"][k] for k in ("report", "age", "sex")} == dict.fromkeys(
+        ("report", "age", "sex"), "sidecar")
+    assert result["clinical_fields"] == {"age": 38.0, "sex": "female"}
+    assert label.shape[:2] == (800, 600)
+    shown = np.argwhere(label.reshape(label.shape[:2]) == 1)
+    assert len(shown), "the overlay shows no region"
+    assert shown.min(0).tolist() >= [260, 170] and shown.max(0).tolist() <= [340, 250]  # inside the box
+
+
+def test_a_click_on_a_cine_frame_is_read_on_that_frame(server, tmp_path):
+    result, _ = answer_of(infer(server, "us_real_cine", {"foreground": [[320, 240, 7]], **FORM}), tmp_path)
+    assert result["frame"]["frame_index"] == 7 and result["frame"]["frame_choice"] == "requested"
+    assert result["frame"]["num_frames"] == 120
+    result, _ = answer_of(infer(server, "us_real_cine", {"foreground": [[320, 240]], **FORM}), tmp_path)
+    assert result["frame"]["frame_choice"] == "sharpest"  # 2D clicks, no frame: the one a sonographer freezes
+
+
+def test_a_16_bit_palette_frame_is_served(server, tmp_path):
+    result, _ = answer_of(infer(server, "us_real_16bit", {"foreground": [[320, 240, 0]], **FORM}), tmp_path)
+    assert 0.0 < result["llnm_probability"] < 1.0
+
+
+def test_a_frame_without_calibration_needs_the_pixel_size(server, tmp_path):
+    refused = infer(server, "us_real_rgb_uncalibrated", {"foreground": [[320, 240, 0]], **FORM})
+    assert refused.status_code == 422 and "no pixel calibration" in refused.json()["detail"]
+    result, _ = answer_of(infer(server, "us_real_rgb_uncalibrated",
+                                {"foreground": [[320, 240, 0]], "pixel_size_mm": 0.1, **FORM}), tmp_path)
+    assert result["frame"]["spacing_used"] == "pixel_size_mm"
+
+
+def test_a_report_over_the_token_limit_is_truncated_with_a_warning(server, tmp_path):
+    long_report = "Solid hypoechoic nodule with irregular margin. " * 60
+    result, _ = answer_of(infer(server, "us_real_16bit",
+                                {"foreground": [[320, 240, 0]], **FORM, "report": long_report}), tmp_path)
+    assert result["report_tokens"]["truncated"] is True
+    assert any("the rest was not used" in w for w in result["warnings"])
+
+
+@pytest.mark.parametrize("params, status, message", [
+    ({"foreground": [[320, 240, 0]], **FORM, "report": "   "}, 422, "report is empty"),
+    ({"foreground": [[320, 240, 0]], **FORM, "report": 42}, 422, "report must be text"),
+    ({"foreground": [[320, 240, 0], [100, 100, 1]], **FORM}, 422, r"the prompt lies on frames [0, 1]"),
+    ({"foreground": [[320, 240, 3]], **FORM}, 422, "frame 3 is out of range"),
+    ({"foreground": [[320, 240, 0]], **FORM, "sex": "F"}, 422, "sex 'F' is not one of"),
+    ({"foreground": [[3000, 240, 0]], **FORM}, 422, "lies outside image 640x480"),
+])
+def test_bad_input_is_refused_naming_the_problem(server, params, status, message):
+    refused = infer(server, "us_real_16bit", params)
+    assert refused.status_code == status, refused.text
+    assert message in refused.json()["detail"]
+
+
+def test_an_ultrasound_study_in_a_dicomweb_pacs_is_served(tmp_path):
+    if LocalOrthanc.executable() is None:
+        reason = "Orthanc is not installed (apt-get install orthanc orthanc-dicomweb; .ci/run installs it)"
+        if os.environ.get("ONCOFUSION_REQUIRE_PACS") == "1":
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+    import pydicom
+
+    series = str(pydicom.dcmread(shipped_ultrasound("OBXXXX1A.dcm"), stop_before_pixels=True).SeriesInstanceUID)
+    conf = {"bundles": str(REPO / "bundles"), "models": MODEL, "runs": str(tmp_path / "runs"), "device": "cpu"}
+    with LocalOrthanc(tmp_path / "orthanc") as pacs:
+        pacs.upload([shipped_ultrasound("OBXXXX1A.dcm")])
+        with LocalServer(pacs.dicomweb_url, tmp_path / "server", conf, start_timeout_s=START_TIMEOUT_S) as live:
+            result, label = answer_of(infer(live.url, series, {"roi": [260, 340, 170, 250, 0, 0], **FORM}), tmp_path)
+    assert 0.0 < result["llnm_probability"] < 1.0
+    assert label.shape[:2] == (800, 600) and (label == 1).any()
