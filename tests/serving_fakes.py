@@ -266,6 +266,16 @@ def make_slow_bundle(root: Path, delay_s: float) -> Path:
     return bundle
 
 
+def make_wide_bundle(root: Path, radius: float = 8.0, name: str = "fake_nodule") -> Path:
+    """The fake bundle drawing a sphere of ``radius`` voxels: wide enough to see in a browser's viewport
+    (OHIF sends a model's options only when the user edits them, so the default is what it gets)."""
+    bundle = make_fake_bundle(root, name)
+    config = json.loads((bundle / "configs" / "inference.json").read_text())
+    config["predictor"]["radius"] = radius
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config, indent=2))
+    return bundle
+
+
 class MarkerProbe:
     """Reports what lies under the click: the voxel value and the voxel's world position (RAS mm).
 

@@ -63,6 +63,7 @@ def test_sr_reports_score_class_and_features_on_the_region(series):
     sr = measurement_report(RESULT, label, sources, seg, "lung_nodule_clip", "0.2.0",
                             score_key="malignancy_probability", class_key="class", click_slice=k)
     sr = hd.sr.srread(pydicom.filebase.DicomBytesIO(_bytes(sr)))
+    assert isinstance(sr, hd.sr.ComprehensiveSR)  # 2D: OHIF fails on a Comprehensive 3D SR
     (group,) = sr.content.get_planar_roi_measurement_groups()
     (measurement,) = group.get_measurements()
     assert measurement.name == PROBABILITY_OF_CANCER and measurement.value == pytest.approx(0.81)

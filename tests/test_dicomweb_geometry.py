@@ -138,7 +138,7 @@ def test_prediction_goes_back_to_the_pacs_as_seg_and_sr(tmp_path, phantoms):
         study = stored["study_instance_uid"]
         seg = hd.seg.Segmentation.from_dataset(
             client.retrieve_instance(study, _series_of(client, study, "SEG"), stored["seg_sop_instance_uid"]))
-        sr = hd.sr.Comprehensive3DSR.from_dataset(
+        sr = hd.sr.ComprehensiveSR.from_dataset(
             client.retrieve_instance(study, _series_of(client, study, "SR"), stored["sr_sop_instance_uid"]))
     assert seg.get_segment_description(1).segment_label.startswith("malignant")
     (group,) = sr.content.get_planar_roi_measurement_groups()

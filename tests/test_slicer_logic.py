@@ -10,7 +10,15 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "slicer" / "OncoFusion"))
 
-from OncoFusionLib.logic import ServerResults, StudyForm, level_colours, result_rows  # noqa: E402
+from OncoFusionLib.logic import (  # noqa: E402
+    ServerResults,
+    StudyForm,
+    error_message,
+    form_fields,
+    level_colours,
+    params_form,
+    result_rows,
+)
 
 BONE_RESULT = {
     "model": "bone_tumor_matrix", "model_version": "0.2.0",
@@ -73,3 +81,41 @@ def test_overlay_value_1_is_the_strongest_colour():
     assert list(colours) == [1, 2, 3]
     assert colours[1] == (0.90, 0.10, 0.10) and colours[1] != colours[2] != colours[3]
     assert level_colours({"background": 0}) == {}
+
+
+def test_the_form_offers_each_option_of_the_model():
+    config = {"report": "", "age": "", "sex": ["", "female", "male"], "click_radius_mm": 5.0, "frame": ""}
+    assert form_fields(config) == {"report": None, "age": None, "sex": ("female", "male"), "click_radius_mm": None,
+                                   "frame": None}
+
+
+def test_a_prediction_posts_the_study_form_as_monai_labels_params_field():
+    import email.parser
+
+    seen = {}
+
+    def post(url, body, headers):
+        seen.update(url=url, body=body, headers=headers)
+        return json.dumps({"llnm_probability": 0.4}).encode()
+
+    form = {"report": "Solid nodule -- see --oncofusion-x boundary-like text", "age": "37"}
+    result = ServerResults("http://s:8000/", token="t", post=post).predict("thyroid_llnm_summary", "us 1", form)
+    assert result == {"llnm_probability": 0.4}
+    assert seen["url"] == "http://s:8000/infer/thyroid_llnm_summary?image=us+1&output=json"
+    assert seen["headers"]["Authorization"] == "Bearer t"
+    message = email.parser.BytesParser().parsebytes(
+        f"Content-Type: {seen['headers']['Content-Type']}\r\n\r\n".encode() + seen["body"])
+    (part,) = message.get_payload()
+    assert part.get_param("name", header="content-disposition") == "params"
+    assert json.loads(part.get_payload()) == form
+    body, content_type = params_form({})
+    assert params_form({})[1] != content_type  # a fresh boundary per request
+
+
+def test_a_refusal_shows_the_servers_message():
+    class Refused(Exception):
+        def read(self):
+            return json.dumps({"detail": "sex 'F' is not one of female, male"}).encode()
+
+    assert error_message(Refused("HTTP Error 422")) == "sex 'F' is not one of female, male"
+    assert error_message(ConnectionRefusedError("connection refused")) == "connection refused"

@@ -134,7 +134,9 @@ def test_inference_writes_a_prediction_per_case(tiny_thyroid_data, tiny_thyroid_
     assert len(predictions) == 12
     for row in predictions:
         assert 0.0 <= row["llnm_probability"] <= 1.0 and len(row["fold_probabilities"]) == 2
-        assert set(row["scalar_contributions"]) == {"aspect_ratio", "echogenicity_contrast", "age", "sex"}
+        assert set(row["scalar_contributions"]) == {"aspect_ratio", "echogenicity_contrast", "capsule_distance_mm",
+                                                   "lobe_position", "age", "sex"}
+        assert row["morphology"]["lobe_third"] in ("upper", "middle", "lower")  # the manifest's lobe mask is read
         assert row["report_attributions"]["top_tokens"] and row["attention"]["grid"] == [8, 8]
         assert row["label"] in (0, 1) and row["roi"]["prompt"] == "box"
 

@@ -19,17 +19,20 @@ from oncofusion.contract import InvalidRequest, Roi
 from oncofusion.ensemble import Ensemble
 from oncofusion.io.frames import read_frame
 from oncofusion.models.thyroid_llnm.explain import attention_rollout, grad_cam_pp_map, word_attributions
+from oncofusion.models.thyroid_llnm.morphology import lobe_position
 from oncofusion.models.thyroid_llnm.predictor import (
     VARIANT_NAMES,
     _negated,
     batch_keys,
     build_network,
+    morphology_result,
 )
 from oncofusion.models.thyroid_llnm.transforms import (
     HalfPrecisionWeights,
     NoduleCropd,
     NoduleRoid,
     NoduleScalarsd,
+    RandMissingScalarsd,
     RandNoduleCropd,
     crop_geometry,
     memoize_frozen_text_encoder,
@@ -159,7 +162,30 @@ def test_scalars_measure_the_roi_and_encode_fields_with_nan_for_missing():
     with pytest.raises(InvalidRequest, match="age 130 is outside"):
         transform({"image": frame, "roi_mask": roi, "age": 130})
     with pytest.raises(ValueError, match="neither a morphology scalar"):
-        NoduleScalarsd("image", ("capsule_distance_mm",), schema)
+        NoduleScalarsd("image", ("nodule_volume_ml",), schema)
+
+
+def test_a_lobe_mask_adds_the_capsule_distance_and_lobe_position_else_they_are_missing():
+    values = np.full((60, 60), 120.0, np.float32)
+    frame = _frame(values, spacing=(0.5, 0.25))
+    roi = NoduleRoid("roi")({"image": frame, "roi": [[20, 25], [29, 44]]})["roi_mask"]
+    lobe = np.zeros((3, 60, 60), np.float32)  # read as an RGB image: any channel above 0 is the lobe
+    lobe[1, 10:50, 15:55] = 255.0
+    transform = NoduleScalarsd("image", ("capsule_distance_mm", "lobe_position", "aspect_ratio"))
+    out = transform({"image": frame, "roi_mask": roi, "lobe_mask": lobe})
+    # 10 lobe pixels of 0.25 mm between the ROI and the lobe's edge along j (along i: 10 of 0.5 mm)
+    assert out["scalars"][0] == pytest.approx(2.5)
+    assert out["scalars"][1] == pytest.approx(lobe_position(roi, lobe[1] > 0, (0.5, 0.25)), abs=1e-6)
+    assert 0.3 < out["scalars"][1] < 0.45  # the ROI lies in the lobe's middle third, towards the left pole
+    shown = morphology_result(out["nodule_morphology"])
+    assert shown["capsule_within_2_5_mm"] is True and shown["lobe_third"] == "middle"
+    without = transform({"image": frame, "roi_mask": roi, "lobe_mask": None})
+    assert np.isnan(without["scalars"][:2]).all() and without["scalars"][2] == pytest.approx(1.0)
+    assert morphology_result(without["nodule_morphology"])["capsule_distance_mm"] is None
+    elsewhere = np.zeros((60, 60), np.float32)
+    elsewhere[40:55, 40:55] = 1.0
+    with pytest.raises(InvalidRequest, match="does not overlap the thyroid lobe mask"):
+        transform({"image": frame, "roi_mask": roi, "lobe_mask": elsewhere[None]})
 
 
 def test_uncalibrated_frames_are_refused_where_mm_are_needed():
@@ -190,11 +216,12 @@ def test_box_click_and_mask_give_one_probability_each(predictor, study):
         result = prediction.result
         results[name] = result
         assert 0.0 <= result["llnm_probability"] <= 1.0 and len(result["fold_probabilities"]) == 2
-        assert result["prediction"] in ("no LLNM", "LLNM") and result["model_version"] == "0.1.0"
+        assert result["prediction"] in ("no LLNM", "LLNM") and result["model_version"] == "0.2.0"
         assert result["roi"]["prompt"] == name
         assert result["frame"]["spacing_source"] == "ultrasound_region" and result["frame"]["frame_choice"] == "only"
         assert result["frame"]["spacing_mm"] == list(TINY_SPACING)
-        assert set(result["scalars"]) == {"aspect_ratio", "echogenicity_contrast", "age", "sex"}
+        assert set(result["scalars"]) == {"aspect_ratio", "echogenicity_contrast", "capsule_distance_mm",
+                                          "lobe_position", "age", "sex"}
         assert result["clinical_fields"] == {"age": float(sidecar["age"]), "sex": sidecar["sex"]}
         label = prediction.label
         assert label.shape == TINY_SHAPE and set(np.unique(label)) <= {0, 1, 2}
@@ -377,7 +404,8 @@ def test_memoised_text_encoder_gives_the_same_logits_and_runs_once_per_report():
     memoised.load_state_dict(plain.state_dict())
     reports = ["A solid hypoechoic nodule. No capsular contact.", "Microcalcifications are present.",
                "No suspicious central compartment lymph nodes."]
-    image, scalars = torch.rand(3, 3, 128, 128), torch.tensor([[0.8, 30, 40, 0], [1.1, 12, 60, 1], [0.9, 25, 33, 0]])
+    image = torch.rand(3, 3, 128, 128)
+    scalars = torch.tensor([[0.8, 30, 1.0, 0.3, 40, 0], [1.1, 12, float("nan"), float("nan"), 60, 1], [0.9, 25, 4.0, 0.7, 33, 0]])
     calls = []
     original = memoised.text_tower.encoder.forward
     memoised.text_tower.encoder.forward = lambda **kw: calls.append(kw["input_ids"].shape[0]) or original(**kw)
@@ -429,3 +457,20 @@ def test_word_pieces_are_joined_into_words():
 
 
 # -- thresholds chosen on the training folds ---------------------------------------------------------------
+
+
+def test_training_drops_scalar_groups_together_so_the_missing_embeddings_learn():
+    names = ("aspect_ratio", "capsule_distance_mm", "lobe_position", "age")
+    values = np.array([0.9, 1.5, 0.4, 50.0], np.float32)
+    groups = [["capsule_distance_mm", "lobe_position"], ["age"]]
+    always = RandMissingScalarsd("scalars", names, groups, prob=1.0)
+    assert np.isnan(always({"scalars": values})["scalars"][1:]).all()
+    assert always({"scalars": values})["scalars"][0] == pytest.approx(0.9) and not np.isnan(values).any()
+    sometimes = RandMissingScalarsd("scalars", names, groups, prob=0.3)
+    sometimes.set_random_state(0)
+    drawn = np.stack([sometimes({"scalars": values})["scalars"] for _ in range(400)])
+    missing = np.isnan(drawn)
+    assert (missing[:, 1] == missing[:, 2]).all() and not missing[:, 0].any()  # one lobe mask: both or neither
+    assert 0.22 < missing[:, 1].mean() < 0.38 and 0.22 < missing[:, 3].mean() < 0.38
+    with pytest.raises(ValueError, match=r"groups name \['sex'\]"):
+        RandMissingScalarsd("scalars", names, [["sex"]])

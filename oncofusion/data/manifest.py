@@ -90,13 +90,15 @@ def datalist(
     exclude_folds: Sequence[int] | None = None,
     keys: Sequence[str] = (),
     optional_keys: Sequence[str] = (),
+    path_keys: Sequence[str] = (),
     part: str | None = None,
     validation_fraction: float = 0.2,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Records for a MONAI dataset: ``image`` (absolute), ``case_id``, ``patient_id``, ``fold``,
     ``center_mm`` when the case has one, the ``target``'s validated fields, every key of ``keys`` (an
-    error when a case lacks it) and of ``optional_keys`` (None when lacking).
+    error when a case lacks it) and of ``optional_keys`` (None when lacking). Values of ``path_keys`` (e.g. a
+    mask beside the image) are paths relative to the manifest, resolved like ``image``.
 
     ``folds`` keeps only those folds, ``exclude_folds`` drops them. ``part`` splits what is kept into a
     patient-grouped, target-stratified inner ``"train"`` / ``"validation"`` pair (nested validation: a
@@ -122,6 +124,9 @@ def datalist(
             record.update(target.parse(case))
         record.update({key: case[key] for key in keys})
         record.update({key: case.get(key) for key in optional_keys})
+        for key in path_keys:
+            if record.get(key):
+                record[key] = str((Path(path).expanduser().resolve().parent / record[key]).resolve())
         records.append(record)
     if part is None:
         return records

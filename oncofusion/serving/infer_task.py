@@ -13,9 +13,11 @@ the client and, when it draws something, a label on the primary image's grid.
 from __future__ import annotations
 
 import copy
+import io
 import json
 import logging
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -26,10 +28,13 @@ import torch
 from monai.bundle import ConfigParser
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+from pydicom.dataset import Dataset
 
 from oncofusion.contract import InputSpec, InvalidRequest, Prediction, Predictor
+from oncofusion.io.atomic import atomic_write_bytes
 from oncofusion.io.cache import ImageCache
 from oncofusion.io.readers import read_image
+from oncofusion.serving import dicom_results
 from oncofusion.serving.identifiers import check_identifier
 from oncofusion.serving.request import (
     FRAME_OPTION,
@@ -50,6 +55,15 @@ logger = logging.getLogger(__name__)
 PREDICTIONS_KEY = "oncofusion_predictions"
 #: the segment name a bundle gets when its inference.json declares no ``label_name``
 DEFAULT_LABEL_NAME = "lesion"
+
+#: a prediction's SEG + SR go back to the PACS for a DICOMweb study
+PACS = "pacs"
+#: the studies sub-folder holding the SEG + SR of predictions on local DICOM files
+DICOM_RESULTS_DIR = "dicom_results"
+DICOM_FILE_SUFFIX = ".dcm"
+
+#: the folders of an absolute path in a message (answers name files, never server folders)
+_ABSOLUTE_FOLDERS = re.compile(r"/(?:[^\s/'\"]+/)+")
 
 # one datastore file is shared by every task: serialise read-merge-write of image info
 _DATASTORE_LOCK = threading.Lock()
@@ -306,9 +320,15 @@ class BundleInferTask(InferTask):
                 },
             }
         )
-        if prediction.label is not None and os.path.isdir(request["image"]) and self._stores_dicom():
-            result["dicom"] = self._store_dicom(request["image"], label_array(prediction.label, tuple(image.shape[1:])),
-                                                result, roi, predictor)
+        destination = self._dicom_destination(request["image"], image_id) if prediction.label is not None else None
+        if destination is not None:
+            label = label_array(prediction.label, tuple(image.shape[1:]))
+            click_slice = int(round(float(roi.center()[2]))) if roi is not None and label.ndim == 3 else 0
+            if label.ndim == 2:  # a 2D model: the region lies on the frame it read
+                meta = getattr(image, "meta", {}) or {}
+                click_slice = int(meta.get("frame_index", 0))
+                label = dicom_results.on_frame(label, click_slice, int(meta.get("num_frames", 1)))
+            result["dicom"] = self._store_dicom(request["image"], label, click_slice, result, predictor, destination)
         # the predictor's own warnings (a truncated report, an ignored option) come first
         warnings = [*result.get("warnings", []), *contradictions(request, sidecar, self.target_keys)]
         if roi is not None and roi.mask is None and roi.box is None and len(roi.points) > 1:
@@ -326,34 +346,61 @@ class BundleInferTask(InferTask):
         )
         return label_file, result
 
-    def _stores_dicom(self) -> bool:
-        """Predictions on a DICOMweb study go back to the PACS as SEG + SR (OHIF shows them from there)."""
-        return self.datastore is not None and hasattr(getattr(self.datastore, "_client", None), "store_instances")
+    def _dicom_destination(self, image_path: str, image_id: str | None) -> str | Path | None:
+        """Where a prediction on a DICOM study goes as SEG + SR: back to the PACS for a DICOMweb study (OHIF
+        shows them from there), beside the study for a DICOM file in the local datastore
+        (``<studies>/dicom_results/<image id>/``, a sub-folder, so the results are not listed as studies);
+        None for a NIfTI/NRRD study, an upload or a session."""
+        if self.datastore is None or not image_id:
+            return None
+        if hasattr(getattr(self.datastore, "_client", None), "store_instances"):
+            return PACS if os.path.isdir(image_path) else None
+        studies = getattr(self.datastore, "_datastore_path", None)
+        if studies and image_path.lower().endswith(DICOM_FILE_SUFFIX) and os.path.isfile(image_path):
+            return Path(studies) / DICOM_RESULTS_DIR / image_id
+        return None
 
-    def _store_dicom(self, series_folder: str, label: np.ndarray, result: dict[str, Any], roi: Any,
-                     predictor: Predictor) -> dict[str, Any]:
-        """Write the region as DICOM SEG and the result as a TID 1500 SR, STOW-RS them to the PACS; a
-        failure is reported in the answer, never fails the prediction the clinician is waiting for."""
-        from oncofusion.serving import dicom_results
-
+    def _store_dicom(self, source: str, label: np.ndarray, click_slice: int, result: dict[str, Any],
+                     predictor: Predictor, destination: str | Path) -> dict[str, Any]:
+        """Write the region as DICOM SEG and the result as a TID 1500 SR and store them at ``destination``;
+        a failure is reported in the answer, never fails the prediction the clinician is waiting for."""
         score_key = getattr(predictor, "score_key", None) or next(
             (k for k in result if k.endswith("probability")), None)
         class_key = "prediction" if "prediction" in result else "class"
         try:
             if score_key is None or class_key not in result:
                 raise InvalidRequest("the result has no probability and class to report")
-            sources = dicom_results.source_instances(series_folder)
+            sources = dicom_results.source_instances(source)
             summary = next((n for n, v in (result.get("label_names") or {}).items() if v == 1), self.name)
-            seg = dicom_results.region_segmentation(label, sources, summary, self.name, self.version)
-            click_slice = int(round(float(roi.center()[2]))) if roi is not None else 0
+            no_seg = dicom_results.segmentation_unsupported(sources)
+            seg = None if no_seg else dicom_results.region_segmentation(label, sources, summary, self.name, self.version)
             sr = dicom_results.measurement_report(result, label, sources, seg, self.name, self.version,
                                                   score_key, class_key, click_slice)
-            self.datastore._client.store_instances(datasets=[seg, sr])
+            documents = {"seg": seg, "sr": sr} if seg is not None else {"sr": sr}
+            stored = {"seg_sop_instance_uid": None if seg is None else str(seg.SOPInstanceUID),
+                      "sr_sop_instance_uid": str(sr.SOPInstanceUID), "study_instance_uid": str(sr.StudyInstanceUID),
+                      **({"seg_not_written": no_seg} if no_seg else {})}
+            if destination == PACS:
+                self.datastore._client.store_instances(datasets=list(documents.values()))
+            else:
+                stored["files"] = self._write_beside(Path(destination), documents)
         except Exception as e:  # noqa: BLE001 - reported to the client, logged without patient data
             logger.warning("%s: SEG/SR not stored (%s)", self.name, type(e).__name__)
-            return {"stored": False, "reason": f"{type(e).__name__}: {e}"[:300]}
-        return {"stored": True, "seg_sop_instance_uid": str(seg.SOPInstanceUID),
-                "sr_sop_instance_uid": str(sr.SOPInstanceUID), "study_instance_uid": str(sr.StudyInstanceUID)}
+            return {"stored": False, "reason": _ABSOLUTE_FOLDERS.sub("", f"{type(e).__name__}: {e}")[:300]}
+        return {"stored": True, **stored}
+
+    def _write_beside(self, folder: Path, datasets: dict[str, Dataset]) -> list[str]:
+        """``<folder>/<model>_<kind>.dcm``, each written atomically (this model's latest prediction replaces
+        its previous one); returns the paths relative to the studies folder."""
+        folder.mkdir(parents=True, exist_ok=True)
+        written = []
+        for kind, dataset in datasets.items():
+            path = folder / f"{self.name}_{kind}.dcm"
+            buffer = io.BytesIO()
+            dataset.save_as(buffer)
+            atomic_write_bytes(path, buffer.getvalue())
+            written.append(f"{DICOM_RESULTS_DIR}/{folder.name}/{path.name}")
+        return written
 
     def _known_fields(self, options: dict[str, Any]) -> set[str]:
         """Parameter names this model reads: its options, declared texts and clinical fields."""

@@ -19,7 +19,8 @@ from oncofusion.io.readers import read_image
 
 class ReadImaged(MapTransform):
     """Replace each path under ``keys`` by the image the contract's reader ``kind`` decodes from it, the
-    reader the server uses, so that training sees the arrays inference sees."""
+    reader the server uses, so that training sees the arrays inference sees. An optional image a record
+    lacks (None) stays None."""
 
     def __init__(self, keys: KeysCollection, kind: str = "volume"):
         super().__init__(keys)
@@ -28,5 +29,6 @@ class ReadImaged(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = read_image(d[key], self.kind)
+            if d[key] is not None:
+                d[key] = read_image(d[key], self.kind)
         return d

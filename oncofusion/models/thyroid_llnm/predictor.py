@@ -48,7 +48,13 @@ from oncofusion.models.thyroid_llnm.explain import (
     token_contributions,
     word_attributions,
 )
-from oncofusion.models.thyroid_llnm.morphology import DEFAULT_CLICK_RADIUS_MM, frame_spacing_mm, roi_mask
+from oncofusion.models.thyroid_llnm.morphology import (
+    CAPSULE_RISK_MM,
+    DEFAULT_CLICK_RADIUS_MM,
+    frame_spacing_mm,
+    roi_mask,
+    third_of,
+)
 from oncofusion.models.thyroid_llnm.network import LLNMNet
 from oncofusion.models.thyroid_llnm.transforms import SPACING_KEY, uncalibrated
 from oncofusion.predictor import Context, PredictorTemplate, radius_option
@@ -73,7 +79,9 @@ VARIANT_NAMES: dict[str, str] = {
 }
 #: how a scalar is named in the one-line summary
 SCALAR_LABELS = {"aspect_ratio": "aspect ratio", "echogenicity_contrast": "echo contrast", "width_mm": "width",
-                 "depth_mm": "depth"}
+                 "depth_mm": "depth", "capsule_distance_mm": "capsule distance", "lobe_position": "lobe position"}
+#: the optional image input holding the thyroid lobe mask
+LOBE_INPUT = "lobe_mask"
 #: words that turn the next one into its absence ("no microcalcifications"), for the summary
 NEGATIONS = frozenset({"no", "not", "without", "absent", "neither", "nor"})
 #: words too common to name a finding in the summary
@@ -192,7 +200,9 @@ class ThyroidLLNMPredictor(PredictorTemplate):
         self.scalar_names = tuple(network.scalar_names)
         clinical = [n for n in self.scalar_names if n in schema.names]
         default_inputs = InputSpec(
-            images=(ImageInput("image", reader="frame", description="thyroid ultrasound frame (B-mode)"),),
+            images=(ImageInput("image", reader="frame", description="thyroid ultrasound frame (B-mode)"),
+                    ImageInput(LOBE_INPUT, reader="frame", required=False,
+                               description="thyroid lobe mask on the frame (capsule distance, lobe position)")),
             prompt=("points", "box", "mask"),
             texts=(report_key,) if self.uses_text else (),
             fields=schema if clinical else None,
@@ -302,6 +312,7 @@ class ThyroidLLNMPredictor(PredictorTemplate):
         """``(image (1, 3, S, S) | None, input_ids (1, L) | None, attention_mask (1, L) | None, scalars (1, K) | None)``."""
         frame = context.images[self.inputs.primary.name]
         data = {**context.fields, "image": frame, "roi_mask": context.extras["region"],
+                LOBE_INPUT: context.images.get(LOBE_INPUT),
                 SPACING_KEY: context.extras["spacing"]}
         prepared = _unwrapped(self.preprocessing, data)
         context.extras.update(crop=prepared["image"], morphology=prepared.get("nodule_morphology", {}),
@@ -356,7 +367,7 @@ class ThyroidLLNMPredictor(PredictorTemplate):
                 "area_mm2": round(float(region.sum() * spacing[0] * spacing[1]), 2),
                 **({"click_radius_mm": context.extras["click_radius_mm"]} if context.extras["prompt"] == "click" else {}),
             },
-            "morphology": {k: round(float(v), 4) for k, v in context.extras["morphology"].items()},
+            "morphology": morphology_result(context.extras["morphology"]),
             "scalars": {n: _finite(v) for n, v in zip(self.scalar_names, context.extras["scalar_values"], strict=False)},
             "clinical_fields": {k: v for k, v in validated.items()},
             "crop": {"side_mm": round(context.extras["crop_side_mm"], 3),
@@ -558,6 +569,17 @@ def _plain(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     return value if isinstance(value, str | int | float | bool) or value is None else str(value)
+
+
+def morphology_result(measured: Mapping[str, float | None]) -> dict[str, Any]:
+    """The measurements for the answer: numbers rounded, None when not measured (no lobe mask), and with a
+    lobe mask the paper's two findings: capsule distance <= 2.5 mm, and the lobe third."""
+    result: dict[str, Any] = {k: None if v is None else round(float(v), 4) for k, v in measured.items()}
+    if measured.get("capsule_distance_mm") is not None:
+        result["capsule_within_2_5_mm"] = bool(measured["capsule_distance_mm"] <= CAPSULE_RISK_MM)
+    if measured.get("lobe_position") is not None:
+        result["lobe_third"] = third_of(float(measured["lobe_position"]))
+    return result
 
 
 # -- evaluation over a manifest -------------------------------------------------------------------------

@@ -41,8 +41,10 @@ from oncofusion.io.readers import read_image
 from oncofusion.models.thyroid_llnm.morphology import (
     DEFAULT_RING_MM,
     aspect_ratio,
+    capsule_distance_mm,
     echogenicity_contrast,
     frame_spacing_mm,
+    lobe_position,
     luminance,
     nodule_extent_mm,
     roi_mask,
@@ -51,6 +53,8 @@ from oncofusion.networks.trainable import TrainableWeights
 
 #: scalars measured on the frame from the ROI (mm, ratios, 0-255 intensity units)
 MORPHOLOGY_SCALARS = ("aspect_ratio", "echogenicity_contrast", "width_mm", "depth_mm")
+#: scalars measured from the ROI and a thyroid lobe mask; missing (NaN) without one
+LOBE_SCALARS = ("capsule_distance_mm", "lobe_position")
 #: the data key that may carry a pixel size given by the user for a frame without calibration
 SPACING_KEY = "spacing_mm"
 
@@ -80,6 +84,12 @@ def data_spacing(data: Mapping[Hashable, Any], image: Any, needed_for: str, spac
 def _mask_array(value: Any) -> np.ndarray:
     array = np.asarray(value.detach().cpu() if hasattr(value, "detach") else value)
     return array[0] if array.ndim == 3 and array.shape[0] == 1 else array
+
+
+def _any_channel(value: Any) -> np.ndarray:
+    """A mask read as an image ``(C, W, H)`` (a PNG, a DICOM) -> ``(W, H)``: any channel above 0 is inside."""
+    array = np.asarray(value.detach().cpu() if hasattr(value, "detach") else value)
+    return (array > 0).any(axis=0) if array.ndim == 3 else array > 0
 
 
 # -- the ROI -----------------------------------------------------------------------------------------
@@ -130,23 +140,29 @@ class NoduleScalarsd(MapTransform):
     """The frame under ``keys`` and the ROI mask under ``roi_key`` (+ the record's clinical values) ->
     ``(S,)`` float32 under ``output_key``, column ``s`` being ``scalar_names[s]``, NaN where missing.
 
-    Morphology scalars (:data:`MORPHOLOGY_SCALARS`) are measured on the frame inside the ROI; each other
-    name must be a field of ``schema`` (numeric, yes/no, or a category of two choices), validated from the
-    record (a bad value is an :class:`~oncofusion.contract.InvalidRequest` naming it). The measurements are
-    also kept, as plain numbers, under ``morphology_key``.
+    Morphology scalars (:data:`MORPHOLOGY_SCALARS`) are measured on the frame inside the ROI; the lobe
+    scalars (:data:`LOBE_SCALARS`: the distance from the ROI to the lobe's capsule, the paper's strongest
+    sonographic finding, and the ROI's position along the lobe, 0 cranial .. 1 caudal, ``cranial`` being
+    the image side of the upper pole) need the thyroid lobe mask under ``lobe_key`` and are NaN (the
+    token's "missing" embedding) without one. Each other name must be a field of ``schema`` (numeric,
+    yes/no, or a category of two choices), validated from the record (a bad value is an
+    :class:`~oncofusion.contract.InvalidRequest` naming it). The measurements are also kept, as plain
+    numbers (None when not measured), under ``morphology_key``.
     """
 
     def __init__(self, keys: KeysCollection, scalar_names: Sequence[str], schema: ClinicalSchema | None = None,
                  roi_key: str = "roi_mask", ring_mm: float = DEFAULT_RING_MM, spacing_key: str = SPACING_KEY,
-                 output_key: str = "scalars", morphology_key: str = "nodule_morphology"):
+                 output_key: str = "scalars", morphology_key: str = "nodule_morphology",
+                 lobe_key: str = "lobe_mask", cranial: str = "left"):
         super().__init__(keys)
         self.scalar_names = tuple(scalar_names)
         self.schema = schema or ClinicalSchema([])
         for name in self.scalar_names:
-            if name in MORPHOLOGY_SCALARS:
+            if name in MORPHOLOGY_SCALARS or name in LOBE_SCALARS:
                 continue
             if name not in self.schema.names:
-                raise ValueError(f"scalar '{name}' is neither a morphology scalar {list(MORPHOLOGY_SCALARS)} nor a "
+                raise ValueError(f"scalar '{name}' is neither a morphology scalar "
+                                 f"{list(MORPHOLOGY_SCALARS + LOBE_SCALARS)} nor a "
                                  f"clinical field {self.schema.names}")
             field = self.schema.field(name)
             if isinstance(field, CategoricalField) and len(field.values) != 2:
@@ -157,15 +173,25 @@ class NoduleScalarsd(MapTransform):
         self.spacing_key = spacing_key
         self.output_key = output_key
         self.morphology_key = morphology_key
+        self.lobe_key = lobe_key
+        self.cranial = cranial
 
-    def morphology(self, image: Any, region: np.ndarray, spacing: tuple[float, float]) -> dict[str, float]:
+    def morphology(self, image: Any, region: np.ndarray, spacing: tuple[float, float],
+                   lobe: Any = None) -> dict[str, float | None]:
         width, depth = nodule_extent_mm(region, spacing)
-        return {
+        measured: dict[str, float | None] = {
             "aspect_ratio": aspect_ratio(region, spacing),
             "echogenicity_contrast": echogenicity_contrast(luminance(image), region, spacing, self.ring_mm),
             "width_mm": width,
             "depth_mm": depth,
+            "capsule_distance_mm": None,
+            "lobe_position": None,
         }
+        if lobe is not None:
+            lobe = _any_channel(lobe)
+            measured["capsule_distance_mm"] = capsule_distance_mm(region, lobe, spacing)
+            measured["lobe_position"] = lobe_position(region, lobe, spacing, self.cranial)
+        return measured
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -174,11 +200,45 @@ class NoduleScalarsd(MapTransform):
             image = d[key]
             region = _mask_array(d[self.roi_key]).astype(bool)
             spacing = data_spacing(d, image, "the nodule morphology (size, echogenicity ring)", self.spacing_key)
-            measured = self.morphology(image, region, spacing)
-            values = [measured[n] if n in measured else field_scalar(self.schema.field(n), clinical[n])
-                      for n in self.scalar_names]
+            measured = self.morphology(image, region, spacing, d.get(self.lobe_key))
+            values = [(math.nan if measured[n] is None else measured[n]) if n in measured
+                      else field_scalar(self.schema.field(n), clinical[n]) for n in self.scalar_names]
             d[self.output_key] = np.asarray(values, dtype=np.float32)
             d[self.morphology_key] = measured
+        return d
+
+
+class RandMissingScalarsd(RandomizableTransform, MapTransform):
+    """Training only: each group of scalar columns becomes NaN (missing) together with probability ``prob``.
+
+    A scalar token takes a learned "missing" embedding when its value is unknown, but the embedding only
+    learns from cases that lack the value; the sample data lack none. ``groups`` name the columns that go
+    missing together (the capsule distance and the lobe position both come from one lobe mask).
+    """
+
+    def __init__(self, keys: KeysCollection, scalar_names: Sequence[str], groups: Sequence[Sequence[str]],
+                 prob: float = 0.2):
+        RandomizableTransform.__init__(self, prob)
+        MapTransform.__init__(self, keys)
+        names = list(scalar_names)
+        unknown = sorted({n for group in groups for n in group} - set(names))
+        if unknown:
+            raise ValueError(f"groups name {unknown}, which are not scalars {names}")
+        self.columns = [[names.index(n) for n in group] for group in groups]
+        self._missing: list[bool] = []
+
+    def randomize(self, data: Any = None) -> None:
+        self._missing = [self.R.random_sample() < self.prob for _ in self.columns]
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize()
+        for key in self.key_iterator(d):
+            values = np.array(d[key], dtype=np.float32, copy=True)
+            for columns, missing in zip(self.columns, self._missing, strict=True):
+                if missing:
+                    values[columns] = np.nan
+            d[key] = values
         return d
 
 

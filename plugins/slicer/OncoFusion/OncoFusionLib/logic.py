@@ -8,7 +8,9 @@ JSON to the Python console. This module sits beside it and, for the study on scr
   contributions, attention, where each field came from, warnings;
 - holds the clinical form *bound to the study*: values typed for one patient are cleared when the
   study changes (the MONAILabel module keeps its option form across studies, so a prediction was once
-  computed with the previous patient's sex and age);
+  computed with the previous patient's sex and age); its fields are the model's ``/info`` options
+  (:func:`form_fields`), and it is sent only with a prediction on that study (:meth:`ServerResults.predict`,
+  on the model's ``<bundle>_summary`` task, which predicts on the lesion already known for the study);
 - colours the explanation overlay's levels (value 1 = the region shown, higher values = weaker levels).
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,12 +29,45 @@ PREDICTIONS_KEY = "oncofusion_predictions"
 LEVEL_COLOURS = ((0.90, 0.10, 0.10), (0.95, 0.55, 0.10), (0.95, 0.85, 0.30), (0.60, 0.80, 0.95))
 
 Fetch = Callable[[str, Mapping[str, str]], bytes]
+Post = Callable[[str, bytes, Mapping[str, str]], bytes]
 
 
 def http_get(url: str, headers: Mapping[str, str]) -> bytes:
     request = urllib.request.Request(url, headers=dict(headers))
     with urllib.request.urlopen(request, timeout=30) as response:
         return response.read()
+
+
+def http_post(url: str, body: bytes, headers: Mapping[str, str]) -> bytes:
+    request = urllib.request.Request(url, data=body, headers=dict(headers), method="POST")
+    with urllib.request.urlopen(request, timeout=300) as response:
+        return response.read()
+
+
+def params_form(params: Mapping[str, Any]) -> tuple[bytes, str]:
+    """``params`` as the one multipart field MONAI Label's ``/infer`` reads, and its content type (a random
+    boundary: a report's text cannot end the part early)."""
+    boundary = f"oncofusion-{uuid.uuid4().hex}"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"params\"\r\n\r\n"
+            f"{json.dumps(dict(params))}\r\n--{boundary}--\r\n")
+    return body.encode("utf-8"), f"multipart/form-data; boundary={boundary}"
+
+
+def error_message(error: Exception, limit: int = 500) -> str:
+    """What the server said: the ``detail`` of an HTTP error's JSON body, else the body, else the error."""
+    body = error.read() if hasattr(error, "read") else b""
+    try:
+        detail = json.loads(body).get("detail") if body else None
+    except (ValueError, AttributeError):
+        detail = None
+    return str(detail or body.decode("utf-8", errors="replace") or error)[:limit]
+
+
+def form_fields(config: Mapping[str, Any]) -> dict[str, tuple[str, ...] | None]:
+    """The form of a model's ``/info`` options: a list offers its choices (a blank one first: the study's
+    record applies), anything else is typed (``None``)."""
+    return {name: tuple(str(v) for v in value if str(v)) if isinstance(value, list) else None
+            for name, value in config.items()}
 
 
 @dataclass
@@ -41,12 +77,28 @@ class ServerResults:
     server_url: str
     token: str | None = None
     fetch: Fetch = http_get
+    post: Post = http_post
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def models(self) -> dict[str, dict[str, Any]]:
+        """The server's models as ``/info`` lists them (type, dimension, labels, options)."""
+        info = json.loads(self.fetch(f"{self.server_url.rstrip('/')}/info/", self._headers()) or b"{}")
+        return dict(info.get("models") or {})
+
+    def predict(self, model: str, image_id: str, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Run ``model`` on ``image_id`` with ``params`` (the study's form); returns the JSON result."""
+        query = urllib.parse.urlencode({"image": image_id, "output": "json"})
+        body, content_type = params_form(params)
+        answer = self.post(f"{self.server_url.rstrip('/')}/infer/{urllib.parse.quote(model)}?{query}", body,
+                           {**self._headers(), "Content-Type": content_type})
+        return json.loads(answer)
 
     def latest(self, image_id: str) -> dict[str, dict[str, Any]]:
         """``{model: result}`` for ``image_id`` (empty when nothing was predicted yet)."""
         query = urllib.parse.urlencode({"image": image_id})
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        body = self.fetch(f"{self.server_url.rstrip('/')}/datastore/image/info?{query}", headers)
+        body = self.fetch(f"{self.server_url.rstrip('/')}/datastore/image/info?{query}", self._headers())
         info = json.loads(body or b"{}")
         return dict(info.get(PREDICTIONS_KEY) or {})
 
