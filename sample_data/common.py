@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -72,3 +74,50 @@ def generator_parser(description: str, default_out: str, default_cases: int) -> 
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-folds", type=int, default=5, help="patient-level cross-validation folds")
     return parser
+
+
+def _one_torch_thread() -> None:
+    """A generator's worker runs a few torch ops on small tensors (reading a frame back): one thread each,
+    not a pool per worker fighting for the same cores."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def render_in_processes(render: Callable[[Any], dict], tasks: Sequence[Any], workers: int) -> list[dict]:
+    """``render`` over ``tasks`` in ``workers`` processes (in this one, on one torch thread, for 1)."""
+    if workers <= 1:
+        import torch
+
+        threads = torch.get_num_threads()
+        _one_torch_thread()
+        try:
+            return [render(t) for t in tasks]
+        finally:
+            torch.set_num_threads(threads)
+    with ProcessPoolExecutor(max_workers=workers, initializer=_one_torch_thread) as pool:
+        return list(pool.map(render, tasks, chunksize=8))
+
+
+def logistic_oof_auroc(features: np.ndarray, labels: np.ndarray, folds: np.ndarray) -> float | None:
+    """AUROC of out-of-fold probabilities of an L2 logistic regression (C = 1) on standardised features,
+    one fit per fold on the other folds; None when a training part or the whole set lacks a class. The
+    generators record it as the ceiling reachable from what a model observes."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from oncofusion.metrics.classification import auroc
+
+    labels = np.asarray(labels, int)
+    if labels.min() == labels.max():
+        return None
+    scores = np.zeros(len(labels))
+    for fold in np.unique(folds):
+        train = folds != fold
+        if labels[train].min() == labels[train].max():
+            return None
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000))
+        model.fit(features[train], labels[train])
+        scores[~train] = model.predict_proba(features[~train])[:, 1]
+    return round(auroc(labels, scores), 4)

@@ -78,16 +78,11 @@ import os
 import re
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pydicom
 from PIL import Image
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian, UltrasoundImageStorage, generate_uid
 from scipy import ndimage
 from scipy.special import expit
 
@@ -101,7 +96,8 @@ from oncofusion.models.thyroid_llnm.morphology import (
     lobe_third,
     morphology_scalars,
 )
-from sample_data.common import generator_parser, values_arg
+from sample_data.common import generator_parser, logistic_oof_auroc, render_in_processes, values_arg
+from sample_data.ultrasound import UltrasoundFile, psf, smooth_noise, write_us_dicom
 
 logger = logging.getLogger(__name__)
 
@@ -225,12 +221,6 @@ class CaseTask:
     lobe_path: str
 
 
-def _smooth_noise(shape: Sequence[int], sigma: Sequence[float], rng: np.random.Generator) -> np.ndarray:
-    """Unit-variance Gaussian random field with the given correlation length (pixels)."""
-    field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma)
-    return field / max(float(field.std()), 1e-9)
-
-
 def _blob(x: np.ndarray, y: np.ndarray, centre: Sequence[float], semi: Sequence[float], tilt: float,
           harmonics: Sequence[tuple[int, float, float]] = (),
           spikes: Sequence[tuple[float, float, float]] = ()) -> np.ndarray:
@@ -251,10 +241,6 @@ def _blob(x: np.ndarray, y: np.ndarray, centre: Sequence[float], semi: Sequence[
         delta = np.mod(theta - angle + np.pi, 2.0 * np.pi) - np.pi
         scale = scale + height * np.exp(-0.5 * (delta / width) ** 2)
     return rho / (radius * scale)
-
-
-def _psf(field: np.ndarray, sigma_px: Sequence[float]) -> np.ndarray:
-    return ndimage.gaussian_filter(field, sigma_px, mode="nearest")
 
 
 def _layout(task: CaseTask, rng: np.random.Generator) -> dict:
@@ -360,26 +346,26 @@ def render(task: CaseTask) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     amp = np.full(x.shape, ECHO["muscle"])
     amp[y < layout["fat"]] = ECHO["fat"]
     amp[y < layout["skin"]] = ECHO["skin"]
-    amp *= 1.0 + 0.25 * (np.sin(2 * np.pi * (y + 0.3 * _smooth_noise(x.shape, 6, rng)) / 1.1) > 0.7)
+    amp *= 1.0 + 0.25 * (np.sin(2 * np.pi * (y + 0.3 * smooth_noise(x.shape, 6, rng)) / 1.1) > 0.7)
     deep = y > layout["lobe_top"]
     amp[deep & ~in_lobe] = ECHO["deep_muscle"]
     amp[y > layout["prevertebral"] + 1.0] = ECHO["deep"]
-    texture = 1.0 + 0.12 * _smooth_noise(x.shape, (1.0 / sy, 1.0 / sx), rng)
+    texture = 1.0 + 0.12 * smooth_noise(x.shape, (1.0 / sy, 1.0 / sx), rng)
     amp = np.where(in_lobe, ECHO["thyroid"] * texture, amp)
     echo = rng.uniform(*NODULE_ECHO)
     edge_mm = 0.5 if task.irregular_margin else 0.25
     mean_radius = float(np.mean(layout["nodule"][1]))
     weight = np.clip((1.0 - nodule_rho) * mean_radius / edge_mm + 0.5, 0.0, 1.0)
-    nodule_amp = echo * (1.0 + 0.1 * _smooth_noise(x.shape, (0.6 / sy, 0.6 / sx), rng))
+    nodule_amp = echo * (1.0 + 0.1 * smooth_noise(x.shape, (0.6 / sy, 0.6 / sx), rng))
     amp = weight * nodule_amp + (1.0 - weight) * amp
 
     # Rayleigh speckle: complex scatterers weighted by the amplitude, blurred by the point-spread function
     sigma_px = (PSF_SIGMA_MM[0] / sy, PSF_SIGMA_MM[1] / sx)
     impulse = np.zeros((33, 33))
     impulse[16, 16] = 1.0
-    norm = np.sqrt((_psf(impulse, sigma_px) ** 2).sum())
+    norm = np.sqrt((psf(impulse, sigma_px) ** 2).sum())
     scatter = amp * (rng.standard_normal(x.shape) + 1j * rng.standard_normal(x.shape)) / np.sqrt(2.0)
-    field = (_psf(scatter.real, sigma_px) + 1j * _psf(scatter.imag, sigma_px)) / norm
+    field = (psf(scatter.real, sigma_px) + 1j * psf(scatter.imag, sigma_px)) / norm
 
     # specular reflectors: the capsule (brightest where it faces the beam), fascia lines, calcifications
     outside = ndimage.distance_transform_edt(~in_lobe, sampling=(sy, sx))
@@ -408,7 +394,7 @@ def render(task: CaseTask) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
             beam = np.exp(-0.5 * ((x - cx) / (radius + 0.15)) ** 2) * (y > cy + radius)
             np.maximum(shadow, rng.uniform(*SHADOW_DEPTH) * beam, out=shadow)
             dots.append([round(float(cx), 2), round(float(cy), 2)])
-    field = field + _psf(specular, sigma_px) * np.exp(1j * 0.3 * rng.standard_normal(x.shape))
+    field = field + psf(specular, sigma_px) * np.exp(1j * 0.3 * rng.standard_normal(x.shape))
     field *= (1.0 - shadow) * 10.0 ** (-rng.uniform(*ATTENUATION_DB_PER_MM) * y / 20.0)
 
     # envelope, log compression to 8 bits: the parenchyma's mean envelope sits at THYROID_GREY
@@ -423,58 +409,6 @@ def render(task: CaseTask) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
 # ----------------------------------------------------------------------------- files
 
 
-def write_us_dicom(path: Path, pixels: np.ndarray, spacing: Sequence[float], task: CaseTask) -> None:
-    """A single-frame ultrasound DICOM (US Image Storage, 8-bit MONOCHROME2 or RGB) of ``pixels``
-    (rows, columns), calibrated by one 2D tissue region in cm, labelled SYNTHETIC; UIDs derive from the
-    case so the same seed writes the same bytes."""
-    def uid(kind: str) -> str:
-        return generate_uid(entropy_srcs=["oncofusion-synthetic-thyroid", task.case_id, repr(task.seed), kind])
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UltrasoundImageStorage
-    meta.MediaStorageSOPInstanceUID = uid("instance")
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = UltrasoundImageStorage, meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = uid("study"), uid("series")
-    ds.PatientName = f"SYNTHETIC^{task.patient_id}"
-    ds.PatientID = task.patient_id
-    ds.PatientSex = "M" if task.male else "F"
-    ds.PatientAge = f"{task.age:03d}Y"
-    ds.StudyDate, ds.StudyTime, ds.StudyID = "20000101", "000000", task.case_id[-8:]
-    ds.AccessionNumber = ""
-    ds.ReferringPhysicianName = ""
-    ds.Modality = "US"
-    ds.Manufacturer = "oncofusion sample_data (SYNTHETIC)"
-    ds.StudyDescription = "SYNTHETIC thyroid ultrasound"
-    ds.SeriesDescription = "SYNTHETIC thyroid B-mode, not patient data"
-    ds.ImageComments = SYNTHETIC_NOTE
-    ds.BodyPartExamined = "THYROID"
-    ds.ImageLaterality = "R" if task.side == "right" else "L"
-    ds.ImageType = ["DERIVED", "SECONDARY"]
-    ds.BurnedInAnnotation = "NO"
-    ds.SeriesNumber, ds.InstanceNumber = 1, 1
-    rows, cols = pixels.shape
-    ds.Rows, ds.Columns = rows, cols
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    if task.photometric == "RGB":
-        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
-        data = np.repeat(pixels[..., None], 3, axis=-1)
-    else:
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        data = pixels
-    region = pydicom.Dataset()
-    region.RegionSpatialFormat, region.RegionDataType, region.RegionFlags = 1, 1, 0  # 2D tissue
-    region.RegionLocationMinX0, region.RegionLocationMinY0 = 0, 0
-    region.RegionLocationMaxX1, region.RegionLocationMaxY1 = cols - 1, rows - 1
-    region.PhysicalUnitsXDirection, region.PhysicalUnitsYDirection = 3, 3  # cm
-    region.PhysicalDeltaX, region.PhysicalDeltaY = float(spacing[0]) / 10.0, float(spacing[1]) / 10.0
-    ds.SequenceOfUltrasoundRegions = DicomSequence([region])
-    ds.PixelData = np.ascontiguousarray(data, dtype=np.uint8).tobytes()
-    ds.is_little_endian, ds.is_implicit_VR = True, False
-    ds.save_as(path, write_like_original=False)
-
-
 def write_mask_png(path: Path, mask: np.ndarray) -> None:
     """A (rows, columns) mask as an 8-bit PNG of 0/1 (label value 1 = the region)."""
     Image.fromarray(mask.astype(np.uint8)).save(path)
@@ -487,7 +421,12 @@ def render_case(task: CaseTask) -> dict:
     reader's pixel indices ``(i, j)`` = (column, row), and the morphology measured on the written frame.
     """
     pixels, nodule, lobe, extras = render(task)
-    write_us_dicom(Path(task.image_path), pixels, task.spacing, task)
+    grey_or_rgb = np.repeat(pixels[..., None], 3, axis=-1) if task.photometric == "RGB" else pixels
+    write_us_dicom(Path(task.image_path), grey_or_rgb, task.spacing, UltrasoundFile(
+        uid_source=("oncofusion-synthetic-thyroid", task.case_id, repr(task.seed)), patient_id=task.patient_id,
+        male=task.male, age=task.age, study_id=task.case_id[-8:], study_description="SYNTHETIC thyroid ultrasound",
+        series_description="SYNTHETIC thyroid B-mode, not patient data", body_part="THYROID", comments=SYNTHETIC_NOTE,
+        laterality="R" if task.side == "right" else "L"))
     write_mask_png(Path(task.nodule_path), nodule)
     write_mask_png(Path(task.lobe_path), lobe)
     nodule_wh, lobe_wh = nodule.T, lobe.T  # (W, H): the reader's axes
@@ -509,28 +448,6 @@ def render_case(task: CaseTask) -> dict:
         "morphology": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in morphology.items()},
         **extras,
     }
-
-
-def _one_torch_thread() -> None:
-    """Reading a frame back runs a few torch ops on small tensors: one thread each, not a pool per worker
-    fighting for the same cores."""
-    import torch
-
-    torch.set_num_threads(1)
-
-
-def _render_all(tasks: Sequence[CaseTask], workers: int) -> list[dict]:
-    if workers <= 1:
-        import torch
-
-        threads = torch.get_num_threads()
-        _one_torch_thread()
-        try:
-            return [render_case(t) for t in tasks]
-        finally:
-            torch.set_num_threads(threads)
-    with ProcessPoolExecutor(max_workers=workers, initializer=_one_torch_thread) as pool:
-        return list(pool.map(render_case, tasks, chunksize=8))
 
 
 # ----------------------------------------------------------------------------- the report
@@ -616,27 +533,6 @@ def observable_features(case: dict) -> dict[str, dict[str, float]]:
         "report": report_features(case["report"]),
         "demographics": {"age": float(case["age"]), "male": float(case["sex"] == "male")},
     }
-
-
-def logistic_oof_auroc(features: np.ndarray, labels: np.ndarray, folds: np.ndarray) -> float | None:
-    """AUROC of out-of-fold probabilities of an L2 logistic regression (C = 1) on standardised features,
-    one fit per fold on the other folds; None when a training part or the whole set lacks a class."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    labels = np.asarray(labels, int)
-    if labels.min() == labels.max():
-        return None
-    scores = np.zeros(len(labels))
-    for fold in np.unique(folds):
-        train = folds != fold
-        if labels[train].min() == labels[train].max():
-            return None
-        model = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000))
-        model.fit(features[train], labels[train])
-        scores[~train] = model.predict_proba(features[~train])[:, 1]
-    return round(auroc(labels, scores), 4)
 
 
 def observable_aurocs(cases: Sequence[dict]) -> dict[str, float | None]:
@@ -729,7 +625,7 @@ def generate(
         )
         for i in range(num_cases)
     ]
-    geometries = _render_all(tasks, workers)
+    geometries = render_in_processes(render_case, tasks, workers)
 
     # the label, from the geometry measured on the true masks
     variables = {

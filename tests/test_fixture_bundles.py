@@ -481,7 +481,7 @@ def _requests(name: str, case: dict) -> tuple[dict, str, dict, int, str]:
         return (
             good,
             case["case_id"],
-            {"foreground": [[*case["center_ijk"], 3]]},
+            {"foreground": [[*case["center_ijk"], 0, 0]]},  # [i, j, k] is a click on frame k; four is wrong
             422,
             "'foreground' point 0 must have 2 coordinates (i, j) on this 2D image",
         )
