@@ -12,6 +12,8 @@ SAMPLE_CASES ?= 120
 BONE_CASES ?= 200
 THYROID_DIR := sample_data/thyroid
 THYROID_CASES ?= 200
+RECTAL_DIR := sample_data/rectal
+RECTAL_CASES ?= 200
 
 .PHONY: setup sample-data demo-weights demo demo-pacs test test-fast bench stress lint clean mutation
 
@@ -35,16 +37,21 @@ $(BONE_DIR)/manifest.json: sample_data/generate_bone.py sample_data/common.py | 
 $(THYROID_DIR)/manifest.json: sample_data/generate_thyroid.py sample_data/common.py | setup
 	$(PY) -m sample_data.generate_thyroid --out $(THYROID_DIR) --num-cases $(THYROID_CASES) --seed 0
 
+$(RECTAL_DIR)/manifest.json: sample_data/generate_rectal.py sample_data/ultrasound.py sample_data/common.py | setup
+	$(PY) -m sample_data.generate_rectal --out $(RECTAL_DIR) --num-cases $(RECTAL_CASES) --seed 0 --frames-per-patient 2
+
 # one MONAI Label datastore holding every bundle's sample studies (links, no copies)
 $(DEMO_DIR)/.ready: $(SAMPLE_DIR)/manifest.json $(BONE_DIR)/manifest.json
-$(DEMO_DIR)/.ready: $(THYROID_DIR)/manifest.json
+$(DEMO_DIR)/.ready: $(THYROID_DIR)/manifest.json $(RECTAL_DIR)/manifest.json
 	mkdir -p $(DEMO_DIR)/sidecars
 	for d in $(SAMPLE_DIR) $(BONE_DIR); do \
 		ln -sf "$$(realpath $$d/datastore)"/*.nii.gz $(DEMO_DIR)/; \
 		ln -sf "$$(realpath $$d/datastore/sidecars)"/*.json $(DEMO_DIR)/sidecars/; \
 	done
-	ln -sf "$$(realpath $(THYROID_DIR)/datastore)"/*.dcm $(DEMO_DIR)/
-	ln -sf "$$(realpath $(THYROID_DIR)/datastore/sidecars)"/*.json $(DEMO_DIR)/sidecars/
+	for d in $(THYROID_DIR) $(RECTAL_DIR); do \
+		ln -sf "$$(realpath $$d/datastore)"/*.dcm $(DEMO_DIR)/; \
+		ln -sf "$$(realpath $$d/datastore/sidecars)"/*.json $(DEMO_DIR)/sidecars/; \
+	done
 	$(PY) -m sample_data.real_ultrasound --out $(DEMO_DIR)
 	touch $@
 
@@ -65,6 +72,12 @@ THYROID_BUNDLE := bundles/thyroid_llnm
 demo-weights: $(THYROID_BUNDLE)/models/fold0/model.pt
 $(THYROID_BUNDLE)/models/fold0/model.pt: | $(THYROID_DIR)/manifest.json
 	$(PY) -m oncofusion.cli train --bundle $(THYROID_BUNDLE) --datalist-file $(THYROID_DIR)/manifest.json
+
+# stage 1 (a CLIP pair pre-trained per fold, features cached) then stage 2 (the LightGBM fold boosters)
+RECTAL_BUNDLE := bundles/rectal_erus_clip
+demo-weights: $(RECTAL_BUNDLE)/models/booster/booster.json
+$(RECTAL_BUNDLE)/models/booster/booster.json: | $(RECTAL_DIR)/manifest.json
+	$(PY) -m oncofusion.cli train --bundle $(RECTAL_BUNDLE) --datalist-file $(RECTAL_DIR)/manifest.json
 
 demo: setup sample-data demo-weights
 	$(PY) -m monailabel.main start_server --app apps/oncofusion --studies $(DEMO_DIR) \
@@ -120,4 +133,4 @@ lint: setup
 	$(VENV)/bin/ruff check oncofusion apps bundles sample_data tests bench plugins
 
 clean:
-	rm -rf $(VENV) $(SAMPLE_DIR) $(BONE_DIR) $(THYROID_DIR) $(DEMO_DIR) runs
+	rm -rf $(VENV) $(SAMPLE_DIR) $(BONE_DIR) $(THYROID_DIR) $(RECTAL_DIR) $(DEMO_DIR) runs

@@ -150,15 +150,18 @@ def main() -> None:
     from bench.thyroid import bench_thyroid
 
     results["thyroid_llnm"] = bench_thyroid()
+    from bench.rectal import bench_rectal
+
+    results["rectal_erus_clip"] = bench_rectal()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2))
     print(table(results))
     bone = results["bone_tumor_matrix"]
     print("\nbone_tumor_matrix: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                              for k, v in bone.items()))
-    thyroid = results["thyroid_llnm"]
-    print("\nthyroid_llnm: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
-                                        for k, v in thyroid.items()))
+    for name in ("thyroid_llnm", "rectal_erus_clip"):
+        print(f"\n{name}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                      for k, v in results[name].items()))
     print(f"\nwrote {RESULTS}")
 
 

@@ -12,6 +12,7 @@ Locating the lesion (the prompt checked against the image) and running the ensem
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,25 @@ def radius_option(fields: Mapping[str, Any], name: str, default: float, maximum:
     if not 0 < radius <= maximum:
         raise InvalidRequest(f"{name} {radius:g} is outside 0-{maximum:g} mm{limit}")
     return radius
+
+
+def text_option(fields: Mapping[str, Any], name: str, what: str = "report text") -> str:
+    """The free-text field ``name`` (e.g. a report); missing, non-text or blank is refused naming the field."""
+    value = fields.get(name)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        raise InvalidRequest(f"{name} is missing: give the {what} in the request or in the study's sidecar")
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{name} must be text, got {type(value).__name__} {str(value)[:40]!r}")
+    if not value.strip():
+        raise InvalidRequest(f"{name} is empty: give the {what}")
+    return value
+
+
+def last_click(roi: Roi | None) -> Roi | None:
+    """Of several clicks the last is the lesion (viewers send every click so far); boxes and masks pass."""
+    if roi is not None and roi.mask is None and roi.box is None and len(roi.points) > 1:
+        return Roi(points=[roi.points[-1]], background=roi.background)
+    return roi
 
 
 @dataclass

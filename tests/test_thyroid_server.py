@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 from types import SimpleNamespace
 
-import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
@@ -19,6 +18,8 @@ from PIL import Image
 
 from oncofusion.serving.launcher import LocalOrthanc, LocalServer
 from sample_data.real_ultrasound import REAL_ULTRASOUND, link_into, shipped_ultrasound
+from tests.server_client import answer_of
+from tests.server_client import infer as slicer_infer
 
 pytestmark = pytest.mark.server
 
@@ -46,23 +47,8 @@ def server(tmp_path_factory):
         yield SimpleNamespace(url=live.url, studies=studies)
 
 
-def infer(url: str, image: str, params: dict, model: str = MODEL) -> requests.Response:
-    """``POST /infer`` as Slicer sends it: the params as a JSON form field, the label back as multipart."""
-    return requests.post(f"{url}/infer/{model}", params={"image": image, "output": "all"}, timeout=300,
-                         files={"params": (None, json.dumps(params))})
-
-
-def answer_of(response: requests.Response, tmp_path: Path) -> tuple[dict, np.ndarray]:
-    """The JSON result and the label of a multipart ``output=all`` answer."""
-    assert response.status_code == 200, response.text
-    from requests_toolbelt.multipart.decoder import MultipartDecoder
-
-    parts = MultipartDecoder.from_response(response).parts
-    result = json.loads(next(p.text for p in parts if b"json" in p.headers.get(b"Content-Type", b"")))
-    label_part = next(p for p in parts if b"json" not in p.headers.get(b"Content-Type", b""))
-    label_file = tmp_path / "label.nii.gz"
-    label_file.write_bytes(label_part.content)
-    return result, np.asarray(nib.load(label_file).dataobj)
+def infer(url: str, image: str, params: dict, model: str = MODEL):
+    return slicer_infer(url, model, image, params)
 
 
 def test_info_declares_a_2d_click_model_with_report_demographics_and_frame(server):

@@ -98,7 +98,8 @@ def datalist(
     """Records for a MONAI dataset: ``image`` (absolute), ``case_id``, ``patient_id``, ``fold``,
     ``center_mm`` when the case has one, the ``target``'s validated fields, every key of ``keys`` (an
     error when a case lacks it) and of ``optional_keys`` (None when lacking). Values of ``path_keys`` (e.g. a
-    mask beside the image) are paths relative to the manifest, resolved like ``image``.
+    mask beside the image, or a list of a patient's frames) are paths relative to the manifest, resolved like
+    ``image``.
 
     ``folds`` keeps only those folds, ``exclude_folds`` drops them. ``part`` splits what is kept into a
     patient-grouped, target-stratified inner ``"train"`` / ``"validation"`` pair (nested validation: a
@@ -124,9 +125,13 @@ def datalist(
             record.update(target.parse(case))
         record.update({key: case[key] for key in keys})
         record.update({key: case.get(key) for key in optional_keys})
+        root = Path(path).expanduser().resolve().parent
         for key in path_keys:
-            if record.get(key):
-                record[key] = str((Path(path).expanduser().resolve().parent / record[key]).resolve())
+            value = record.get(key)
+            if isinstance(value, list):
+                record[key] = [str((root / item).resolve()) for item in value]
+            elif value:
+                record[key] = str((root / value).resolve())
         records.append(record)
     if part is None:
         return records

@@ -57,7 +57,7 @@ from oncofusion.models.thyroid_llnm.morphology import (
 )
 from oncofusion.models.thyroid_llnm.network import LLNMNet
 from oncofusion.models.thyroid_llnm.transforms import SPACING_KEY, uncalibrated
-from oncofusion.predictor import Context, PredictorTemplate, radius_option
+from oncofusion.predictor import Context, PredictorTemplate, last_click, radius_option, text_option
 
 logger = logging.getLogger(__name__)
 
@@ -277,23 +277,13 @@ class ThyroidLLNMPredictor(PredictorTemplate):
         return None, "none", []
 
     def report_text(self, fields: Mapping[str, Any]) -> str:
-        """The report as text; a missing, empty or non-text value is refused naming the field."""
-        value = fields.get(self.report_key)
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            raise InvalidRequest(f"{self.report_key} is missing: give the radiology report text in the request or "
-                                 "in the study's sidecar")
-        if not isinstance(value, str):
-            raise InvalidRequest(f"{self.report_key} must be text, got {type(value).__name__} {str(value)[:40]!r}")
-        if not value.strip():
-            raise InvalidRequest(f"{self.report_key} is empty: give the radiology report text")
-        return value
+        return text_option(fields, self.report_key, "radiology report text")
 
     # -- hooks ----------------------------------------------------------------------------------------
     def locate(self, images: Mapping[str, Any], roi: Roi | None, fields: Mapping[str, Any],
                fold: int | None) -> Context:
         """The nodule as a mask on the frame, and the pixel size the crop margin and the ring need."""
-        if roi is not None and roi.mask is None and roi.box is None and len(roi.points) > 1:
-            roi = Roi(points=[roi.points[-1]], background=roi.background)  # the last click is the lesion
+        roi = last_click(roi)
         context = super().locate(images, roi, fields, fold)
         self.schema.validate(fields)  # a bad clinical value is answered before any work
         frame = images[self.inputs.primary.name]

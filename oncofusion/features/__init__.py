@@ -1,0 +1,1 @@
+"""Hand-crafted image features (radiomics) that name no model."""

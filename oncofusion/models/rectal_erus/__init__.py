@@ -1,0 +1,1 @@
+"""Rectal ERUS nCRT response: frozen CLIP features, a LightGBM fold ensemble, SHAP by modality."""
