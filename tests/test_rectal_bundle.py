@@ -195,6 +195,16 @@ def test_evaluate_compares_clip_lightgbm_with_three_radiomics_baselines(trained_
     assert (output / "shap_summary.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_the_baselines_config_runs_the_radiomics_models_alone(trained_tiny_bundle, tmp_path):
+    run_bundle("run", "--config_file", "['configs/inference.json','configs/baselines.json']", "--num_bootstrap=20",
+               *[f"--{k}={v}" for k, v in trained_tiny_bundle.items() if k != "output_dir"],
+               f"--output_dir={tmp_path}", cwd=BUNDLE)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert list(report["models"]) == ["radiomics + logistic regression", "radiomics + SVM", "radiomics + random forest"]
+    assert "radiomics of the tumor ROI" in report["data"] and report["num_cases"] == 20
+    assert json.loads((tmp_path / "balanced" / "report.json").read_text())["num_cases"] == 12
+
+
 def test_multi_gpu_extraction_gives_each_rank_its_folds(tiny_rectal_data, tmp_path, monkeypatch):
     """multi_gpu_train.json over extract.json: each torchrun process pre-trains and extracts its share of the
     folds (a gloo group of one rank here takes them all)."""

@@ -97,6 +97,41 @@ def patient_radiomics(records: Sequence[Mapping], frames_key: str = "images", ma
     return np.stack([np.nanmean(table[owner_array == i], axis=0) for i in range(len(records))]), names
 
 
+def radiomics_predictions(records: Sequence[Mapping], radiomics: np.ndarray, rows: np.ndarray | None = None,
+                          seed: int = 0) -> dict[str, list[dict[str, Any]]]:
+    """Out-of-fold scores of the three radiomics baselines on ``rows`` (default all), refitted within them."""
+    rows = np.arange(len(records)) if rows is None else np.asarray(rows)
+    chosen = [records[i] for i in rows]
+    labels = np.array([int(r["label"]) for r in chosen])
+    folds = np.array([int(r["fold"]) for r in chosen])
+    predictions = baseline_predictions([r["case_id"] for r in chosen], radiomics[rows], labels, folds, seed=seed)
+    return {BASELINE_NAMES[name]: [{**row, "fold": int(f)} for row, f in zip(found, folds, strict=True)]
+            for name, found in predictions.items()}
+
+
+def _balanced(records: Sequence[Mapping], seed: int) -> tuple[np.ndarray, str]:
+    labels = np.array([int(r["label"]) for r in records])
+    subset = balanced_subset(labels, seed=seed)
+    counts = np.bincount(labels[subset], minlength=2)
+    return subset, f"balanced subset {counts[1]} + {counts[0]} (baselines refitted out of fold within it)"
+
+
+def evaluate_baselines(records: Sequence[Mapping], output_dir: str | Path, data_description: str,
+                       reference: Mapping[str, Any] | None = None, radiomics_bin_width: float = 8.0,
+                       num_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """The radiomics baselines alone (``configs/baselines.json``): the full cohort in ``output_dir`` and the
+    balanced subset in ``output_dir/balanced``, each with DeLong tests of LR against SVM and RF."""
+    radiomics, _ = patient_radiomics(records, bin_width=radiomics_bin_width)
+    report = write_ablation_report(radiomics_predictions(records, radiomics, seed=seed), output_dir, data_description,
+                                   "score", num_bootstrap, reference=reference)
+    subset, described = _balanced(records, seed)
+    report["balanced_subset"] = write_comparison(
+        radiomics_predictions(records, radiomics, subset, seed), Path(output_dir) / "balanced",
+        f"{data_description}; {described}", "score", num_bootstrap)["models"]
+    (Path(output_dir) / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
 def evaluate(records: Sequence[Mapping], clip_encoder: str, ckpt_dir: str | Path, cache_dir: str | Path | None,
              output_dir: str | Path, data_description: str, intensity_range: Sequence[float] = (0, 255),
              context_length: int | None = None, device: Any = "cpu", reference: Mapping[str, Any] | None = None,
@@ -109,25 +144,17 @@ def evaluate(records: Sequence[Mapping], clip_encoder: str, ckpt_dir: str | Path
     clip_scores, explanation = clip_out_of_fold(records, clip_encoder, ckpt_dir, cache_dir, intensity_range,
                                                 context_length, device, booster_params, seed)
     radiomics, _ = patient_radiomics(records, bin_width=radiomics_bin_width)
-    case_ids = [r["case_id"] for r in records]
-    labels = np.array([int(r["label"]) for r in records])
-    folds = np.array([int(r["fold"]) for r in records])
     predictions = {name: _rows(records, s) for name, s in clip_scores.items()}
-    for name, rows in baseline_predictions(case_ids, radiomics, labels, folds, seed=seed).items():
-        predictions[BASELINE_NAMES[name]] = [{**row, "fold": int(f)} for row, f in zip(rows, folds, strict=True)]
+    predictions.update(radiomics_predictions(records, radiomics, seed=seed))
     order = [CLIP_MODEL, *BASELINE_NAMES.values(), *MODALITY_MODELS.values()]
     report = write_ablation_report({n: predictions[n] for n in order}, output_dir, data_description, "score",
                                    num_bootstrap, reference=reference)
 
-    subset = balanced_subset(labels, seed=seed)
-    balanced = {CLIP_MODEL + " (full-cohort model)": [predictions[CLIP_MODEL][i] for i in subset]}
-    for name, rows in baseline_predictions([case_ids[i] for i in subset], radiomics[subset], labels[subset],
-                                           folds[subset], seed=seed).items():
-        balanced[BASELINE_NAMES[name]] = rows
-    counts = np.bincount(labels[subset], minlength=2)
-    report["balanced_subset"] = write_comparison(
-        balanced, output_dir / "balanced", f"{data_description}; balanced subset {counts[1]} + {counts[0]} "
-        "(baselines refitted out of fold within it)", "score", num_bootstrap)["models"]
+    subset, described = _balanced(records, seed)
+    balanced = {CLIP_MODEL + " (full-cohort model)": [predictions[CLIP_MODEL][i] for i in subset],
+                **radiomics_predictions(records, radiomics, subset, seed)}
+    report["balanced_subset"] = write_comparison(balanced, output_dir / "balanced", f"{data_description}; {described}",
+                                                 "score", num_bootstrap)["models"]
 
     summary_png(explanation, output_dir / "shap_summary.png")
     report["shap_modality_share"] = {g: round(v, 4) for g, v in explanation.overall_shares().items()}
