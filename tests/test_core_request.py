@@ -257,6 +257,13 @@ def test_each_field_names_its_source():
     assert sources == {"age": "request", "sex": "sidecar", "report": "sidecar", "fracture": "default"}
 
 
+def test_only_the_fields_a_model_reads_are_reported():
+    sidecar = {"case_id": "rectal_0000", "frames": ["a", "b"], "report": "r", "synthetic": True}
+    sources = field_sources({"click_radius_mm": ""}, sidecar, {"report": "", "click_radius_mm": 5.0},
+                            known={"report", "click_radius_mm"})
+    assert sources == {"report": "sidecar", "click_radius_mm": "default"}
+
+
 def test_a_request_value_that_contradicts_the_sidecar_is_warned_about():
     sidecar = {"age": 63, "sex": "F", "location": "metaphysis", "label": 1}
     assert contradictions({"age": "63", "sex": "f", "location": ""}, sidecar) == []  # same, as Slicer sends it

@@ -35,7 +35,7 @@ def server(tmp_path_factory, tiny_rectal_data):
     source = tiny_rectal_data.parent / "datastore"
     shutil.copy(source / "rectal_0000_f0.dcm", studies / "erus_case.dcm")
     sidecar = json.loads((source / "sidecars" / "rectal_0000_f0.json").read_text())
-    (studies / "sidecars" / "erus_case.json").write_text(json.dumps({"bundle": MODEL, "report": sidecar["report"]}))
+    (studies / "sidecars" / "erus_case.json").write_text(json.dumps(sidecar))  # as the generator writes it
     conf = {"bundles": str(REPO / "bundles"), "models": MODEL, "runs": str(root / "runs"), "device": "cpu"}
     with LocalServer(studies, root, conf, start_timeout_s=START_TIMEOUT_S) as live:
         yield SimpleNamespace(url=live.url, studies=studies, roi=sidecar["roi"])
@@ -55,7 +55,8 @@ def test_a_slicer_box_answers_the_response_probability_with_shap_by_modality(ser
     (i0, j0), (i1, j1) = server.roi
     result, label = answer_of(infer(server.url, "erus_case", {"roi": [i0, i1, j0, j1, 0, 0], "report": ""}), tmp_path)
     assert 0.0 < result["good_response_probability"] < 1.0 and len(result["fold_probabilities"]) == 5
-    assert result["field_sources"]["report"] == "sidecar"
+    # the frame and the report are read from the sidecar; its bookkeeping (case id, frames, synthetic) is not a field
+    assert result["field_sources"] == {"report": "sidecar", "click_radius_mm": "default", "frame": "sidecar"}
     shap = result["shap"]
     assert set(shap["modality_share"]) == {"image", "text"}
     assert sum(shap["modality_share"].values()) == pytest.approx(1.0, abs=1e-3)

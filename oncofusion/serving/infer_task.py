@@ -311,7 +311,7 @@ class BundleInferTask(InferTask):
                 "model": self.name,
                 "model_version": self.version,
                 "roi_center_ijk": [round(float(v), 2) for v in roi.center()] if roi is not None else None,
-                "field_sources": field_sources(request, sidecar, options, self.target_keys),
+                "field_sources": field_sources(request, sidecar, options, self.target_keys, self._known_fields(options)),
                 "latencies": {
                     "load": round(loaded - start, 3),
                     "predict": round(predicted - loaded, 3),

@@ -18,7 +18,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -372,15 +372,16 @@ def merge_fields(
 
 def field_sources(
     request: Mapping[str, Any], sidecar: Mapping[str, Any], defaults: Mapping[str, Any],
-    target_keys: Sequence[str] = (),
+    target_keys: Sequence[str] = (), known: Collection[str] | None = None,
 ) -> dict[str, str]:
     """Where each merged field came from (``request``, ``sidecar`` or ``default``), by the rules of
-    :func:`merge_fields`: recorded with every result, so a stored prediction says what it was computed on."""
+    :func:`merge_fields`: recorded with every result, so a stored prediction says what it was computed on.
+    ``known``: the fields the model reads; a sidecar's bookkeeping (case id, frames...) is not reported."""
     private = SIDECAR_PRIVATE_KEYS | set(target_keys)
     sources = {k: "default" for k in defaults}
     sources.update({k: "sidecar" for k in sidecar if k not in private})
     sources.update({k: "request" for k, v in request_fields(request).items() if not _blank(v) or k not in sources})
-    return sources
+    return sources if known is None else {k: v for k, v in sources.items() if k in known}
 
 
 def _same_value(a: Any, b: Any) -> bool:
