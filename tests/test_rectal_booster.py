@@ -100,8 +100,12 @@ def test_member_outputs_rejects_unknown_fold_and_wrong_width(mixed):
 def test_save_load_round_trip(mixed, tmp_path):
     x, _, _, ensemble = mixed
     ensemble.save(tmp_path / "model")
-    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == [
-        "booster.json", *(f"fold_{k}.txt" for k in range(N_FOLDS))]
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["booster.json", *(f"fold{k}" for k in range(N_FOLDS))]
+    # the package's fold layout: the generic fold ensemble reads the same files
+    from oncofusion.ensemble import Ensemble, fold_checkpoints
+
+    generic = Ensemble(checkpoints=fold_checkpoints(tmp_path / "model", "model.txt"), member="lightgbm")
+    torch.testing.assert_close(generic(torch.as_tensor(x[:4])).double(), ensemble(x[:4]), atol=1e-6, rtol=1e-5)
     loaded = BoosterEnsemble.load(tmp_path / "model")
     assert (loaded.folds, loaded.feature_names, loaded.feature_groups, loaded.best_iterations) == (
         ensemble.folds, ensemble.feature_names, ensemble.feature_groups, ensemble.best_iterations)
@@ -111,6 +115,9 @@ def test_save_load_round_trip(mixed, tmp_path):
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match=r"no booster.json in .*empty: run the bundle's train config"):
         BoosterEnsemble.load(empty)
+    (tmp_path / "model" / "fold3" / "model.txt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"lists fold\(s\) \[3\] but .* has no fold<k>/model.txt"):
+        BoosterEnsemble.load(tmp_path / "model")
 
 
 def test_shap_is_additive_in_mean_member_log_odds(mixed):

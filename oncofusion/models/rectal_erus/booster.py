@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 #: the file that lists a saved ensemble's folds; written last, so its presence means every fold file is whole
 MANIFEST = "booster.json"
+#: each fold's booster, ``fold<k>/model.txt``, as every K-fold bundle lays out its fold models
+BOOSTER_FILE = "model.txt"
 
 #: small-data defaults (a few hundred patients, ~1-2k features): shallow trees, slow learning, row and
 #: column subsampling and an L2 penalty against overfitting. ``num_threads=0`` is LightGBM's own choice;
@@ -256,15 +258,16 @@ class BoosterEnsemble:
 
     # -- files --------------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
-        """``fold_<k>.txt`` (LightGBM text model, best iteration only) per booster, then ``booster.json``.
+        """Each booster as ``fold<k>/model.txt`` (LightGBM text, best iteration only: the package's fold layout,
+        :func:`oncofusion.ensemble.fold_checkpoints`), then ``booster.json``.
 
         Each file is replaced atomically; the manifest goes last, so a crash mid-save leaves either the
         previous manifest or a complete new model, never a manifest naming a half-written booster.
         """
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         for booster, k, best in zip(self.boosters, self.folds, self.best_iterations, strict=True):
-            with atomic_output(directory / f"fold_{k}.txt") as staged:
+            (directory / f"fold{k}").mkdir(parents=True, exist_ok=True)
+            with atomic_output(directory / f"fold{k}" / BOOSTER_FILE) as staged:
                 booster.save_model(str(staged), num_iteration=best)
         manifest = {"feature_names": self.feature_names, "feature_groups": self.feature_groups,
                     "params": self.params, "folds": self.folds, "best_iterations": self.best_iterations}
@@ -274,19 +277,20 @@ class BoosterEnsemble:
 
     @classmethod
     def load(cls, directory: str | Path) -> BoosterEnsemble:
-        """The ensemble :meth:`save` wrote to ``directory``."""
-        import lightgbm
+        """The ensemble :meth:`save` wrote to ``directory``, each fold read as the package's
+        :class:`~oncofusion.ensemble.LightGBMMember` reads a booster file."""
+        from oncofusion.ensemble import LightGBMMember, fold_checkpoints, fold_id
 
         directory = Path(directory)
         manifest_path = directory / MANIFEST
         if not manifest_path.is_file():
             raise FileNotFoundError(f"no {MANIFEST} in {directory}: run the bundle's train config first")
         manifest = json.loads(manifest_path.read_text())
-        boosters = []
-        for k in manifest["folds"]:
-            path = directory / f"fold_{k}.txt"
-            if not path.is_file():
-                raise FileNotFoundError(f"{manifest_path} lists fold {k} but {path} is missing: retrain")
-            boosters.append(lightgbm.Booster(model_file=str(path)))
+        files = {fold_id(path): path for path in fold_checkpoints(directory, BOOSTER_FILE)}
+        missing = [k for k in manifest["folds"] if k not in files]
+        if missing:
+            raise FileNotFoundError(f"{manifest_path} lists fold(s) {missing} but {directory} has no "
+                                    f"fold<k>/{BOOSTER_FILE} for them: retrain")
+        boosters = [LightGBMMember(files[k]).booster for k in manifest["folds"]]
         return cls(boosters, manifest["folds"], manifest["feature_names"], manifest["feature_groups"],
                    manifest["params"], manifest["best_iterations"])
