@@ -44,6 +44,7 @@ from tests.dicom_series import (
     shipped_file,
     write_marker_series,
 )
+from tests.slides import write_pyramid
 
 
 def raw_pixels(name: str) -> tuple[pydicom.Dataset, np.ndarray]:
@@ -525,32 +526,6 @@ def test_frame_bad_inputs(tmp_path):
 
 
 # -- whole-slide images ----------------------------------------------------------------------------------
-def write_pyramid(
-    path: Path, base: np.ndarray, levels: int = 3, mpp: float | None = 0.5, unit: str = "CENTIMETER"
-):
-    """A tiled pyramidal TIFF, each level half the previous (exact decimation, so reads are checkable)."""
-    import tifffile
-
-    per_unit = {"CENTIMETER": 1e4, "INCH": 25400.0}[unit]
-    with tifffile.TiffWriter(path) as tif:
-        level = base
-        for index in range(levels):
-            kwargs = {}
-            if mpp is not None:
-                res = per_unit / (mpp * 2**index)
-                kwargs = {"resolution": (res, res), "resolutionunit": unit}
-            tif.write(
-                level,
-                tile=(128, 128),
-                photometric="rgb",
-                compression="zlib",
-                subfiletype=0 if index == 0 else 1,
-                **kwargs,
-            )
-            level = level[::2, ::2]
-    return path
-
-
 @pytest.fixture(scope="module")
 def tissue() -> np.ndarray:
     """A real immunohistochemistry image (scikit-image), tiled to 768 x 1024."""
