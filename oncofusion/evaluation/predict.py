@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,15 @@ def record_images(predictor: Predictor, record: dict[str, Any]) -> dict[str, Any
         path = record.get(spec.name)
         images[spec.name] = read_image(path, spec.reader) if path else None
     return images
+
+
+def record_box(record: Mapping[str, Any], key: str = "roi") -> Roi:
+    """A manifest record's inclusive pixel box ``[[i0, j0], [i1, j1]]`` as the prompt a user would draw."""
+    box = record.get(key)
+    if box is None:
+        raise ValueError(f"case {record.get('case_id', '?')} has no '{key}' box: add it to the manifest")
+    lo, hi = (tuple(float(v) for v in corner) for corner in box)
+    return Roi(box=(lo, hi))
 
 
 def record_roi(predictor: Predictor, record: dict[str, Any], images: dict[str, Any]) -> Roi | None:

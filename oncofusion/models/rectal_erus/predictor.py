@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from oncofusion.contract import ImageInput, InputSpec, InvalidRequest, Prediction, Roi
 from oncofusion.data.roi import roi_region
-from oncofusion.evaluation.predict import record_images
+from oncofusion.evaluation.predict import record_box, record_images
 from oncofusion.models.rectal_erus.model import ErusClipBooster
 from oncofusion.models.rectal_erus.shap_explain import waterfall_png
 from oncofusion.predictor import Context, PredictorTemplate, last_click, radius_option, text_option
@@ -151,15 +151,6 @@ def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)[-120:]
 
 
-def record_roi(record: Mapping[str, Any], key: str = "roi") -> Roi:
-    """A manifest record's inclusive pixel box ``[[i0, j0], [i1, j1]]``: the box a user would draw."""
-    box = record.get(key)
-    if box is None:
-        raise ValueError(f"case {record.get('case_id', '?')} has no '{key}' box: add it to the manifest")
-    lo, hi = (tuple(float(v) for v in corner) for corner in box)
-    return Roi(box=(lo, hi))
-
-
 def predict_records(predictor: RectalErusPredictor, datalist: Sequence[dict], output_file: str | Path | None = None,
                     out_of_fold: bool = False) -> list[dict[str, Any]]:
     """One prediction per record (its first frame, its box, its report); ``out_of_fold``: each case by the
@@ -168,7 +159,7 @@ def predict_records(predictor: RectalErusPredictor, datalist: Sequence[dict], ou
     for record in tqdm(datalist, desc="predict", leave=False):
         images = record_images(predictor, record)
         kwargs = {"fold": int(record["fold"])} if out_of_fold else {}
-        prediction = predictor.predict(images, record_roi(record), record, **kwargs)
+        prediction = predictor.predict(images, record_box(record), record, **kwargs)
         kept = {k: v for k, v in record.items() if k not in ("image", "images", "tumor_masks", "anatomy_masks")}
         rows.append({**kept, **prediction.result})
     if output_file is not None:

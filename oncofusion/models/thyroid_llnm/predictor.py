@@ -38,7 +38,7 @@ from tqdm import tqdm
 from oncofusion.contract import ImageInput, InputSpec, InvalidRequest, Prediction, Roi
 from oncofusion.data.clinical import ClinicalSchema
 from oncofusion.ensemble import Ensemble
-from oncofusion.evaluation.predict import record_images
+from oncofusion.evaluation.predict import record_box, record_images
 from oncofusion.models.thyroid_llnm.explain import (
     attention_rollout,
     grad_cam_pp,
@@ -573,15 +573,6 @@ def morphology_result(measured: Mapping[str, float | None]) -> dict[str, Any]:
 
 
 # -- evaluation over a manifest -------------------------------------------------------------------------
-def record_box(record: Mapping[str, Any], key: str = "roi") -> Roi:
-    """A manifest record's inclusive pixel box ``[[i0, j0], [i1, j1]]`` as the prompt a user would draw."""
-    box = record.get(key)
-    if box is None:
-        raise ValueError(f"case {record.get('case_id', '?')} has no '{key}' box: add it to the manifest")
-    lo, hi = (tuple(float(v) for v in corner) for corner in box)
-    return Roi(box=(lo, hi))
-
-
 def predict_records(predictor: ThyroidLLNMPredictor, datalist: Sequence[dict], output_file: str | Path | None = None,
                     out_of_fold: bool = False, box_key: str = "roi") -> list[dict[str, Any]]:
     """One prediction per record with the record's box as the prompt (the box training crops around), the
