@@ -1,1 +1,2 @@
 """Training objectives."""
+from oncofusion.losses.multitask import MultitaskGradeSurvivalLoss as MultitaskGradeSurvivalLoss
