@@ -113,6 +113,8 @@ class SlideImage:
         array = np.asarray(rgba)
         if array.shape[-1] == 3:
             return array.astype(np.uint8, copy=False)
+        if array[..., 3].min() == 255:  # wholly inside the scanned area: nothing to paint, skip the blend
+            return np.ascontiguousarray(array[..., :3])
         alpha = array[..., 3:4].astype(np.float32) / 255.0
         background = np.asarray(self.background, np.float32)
         rgb = array[..., :3].astype(np.float32) * alpha + background * (1.0 - alpha)
