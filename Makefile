@@ -14,6 +14,8 @@ THYROID_DIR := sample_data/thyroid
 THYROID_CASES ?= 200
 RECTAL_DIR := sample_data/rectal
 RECTAL_CASES ?= 200
+OPSCC_DIR := sample_data/opscc
+OPSCC_CASES ?= 80
 
 .PHONY: setup sample-data demo-weights demo demo-pacs test test-fast bench stress lint clean mutation
 
@@ -39,6 +41,9 @@ $(THYROID_DIR)/manifest.json: sample_data/generate_thyroid.py sample_data/common
 
 $(RECTAL_DIR)/manifest.json: sample_data/generate_rectal.py sample_data/ultrasound.py sample_data/common.py | setup
 	$(PY) -m sample_data.generate_rectal --out $(RECTAL_DIR) --num-cases $(RECTAL_CASES) --seed 0 --frames-per-patient 2
+
+$(OPSCC_DIR)/manifest.json: sample_data/generate_opscc.py sample_data/slides.py sample_data/common.py | setup
+	$(PY) -m sample_data.generate_opscc --out $(OPSCC_DIR) --num-cases $(OPSCC_CASES) --seed 0
 
 # one MONAI Label datastore holding every bundle's sample studies (links, no copies)
 $(DEMO_DIR)/.ready: $(SAMPLE_DIR)/manifest.json $(BONE_DIR)/manifest.json
