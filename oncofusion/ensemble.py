@@ -152,11 +152,17 @@ class Ensemble(nn.Module):
             if network is not None:
                 model = copy.deepcopy(network)
                 load_trainable_state(model, load_state_dict(path, "cpu"))
-                self.models.append(model.to(self.device).eval())
+                self.models.append(self.prepare_member(model.to(self.device).eval()))
             else:
                 loader = MEMBER_LOADERS[member] if isinstance(member, str) else member
                 self._callables.append(loader(str(path)))
             logger.info("loaded fold checkpoint %s", path)
+
+    def prepare_member(self, model: nn.Module) -> nn.Module:
+        """Called on each torch member as soon as it is loaded, before the next is copied: a subclass frees
+        here what inference does not need (e.g. a text tower), so that peak memory holds one spare copy,
+        not one per fold."""
+        return model
 
     def members(self, fold: int | None = None) -> list[Callable[..., torch.Tensor]]:
         """All members, or the member of ``fold`` (an error if that fold was not trained)."""

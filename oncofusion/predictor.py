@@ -7,22 +7,31 @@ A model family subclasses :class:`PredictorTemplate` and writes only what is its
 - :meth:`~PredictorTemplate.draw`: the label drawn on the primary image (e.g. a heatmap), if any;
 - :meth:`~PredictorTemplate.summarize`: the one-line summary a viewer shows as the segment name.
 
-Locating the lesion (the prompt checked against the image) and running the ensemble are shared.
+Locating the lesion (the prompt checked against the image) and running the ensemble are shared, and so
+is :meth:`~PredictorTemplate.warm_up`, which the server runs once after loading a model.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
 
 from oncofusion.contract import InputSpec, InvalidRequest, Prediction, Roi
 from oncofusion.ensemble import Ensemble
 from oncofusion.transforms.geometry import voxel_to_world
+
+logger = logging.getLogger(__name__)
+
+#: the blank volume a warm-up prediction reads: small, but with room for a crop around its centre
+WARM_UP_SHAPE = (32, 32, 32)
 
 
 def _shape_text(shape: Sequence[int]) -> str:
@@ -138,6 +147,34 @@ class PredictorTemplate:
     def forward(self, model_inputs: Sequence[Any], context: Context) -> torch.Tensor:
         """Each chosen fold member's output after the ensemble's aggregation transform, ``(M, B, ...)``."""
         return self.ensemble.member_outputs(*model_inputs, fold=context.fold)
+
+    def warm_up_request(self) -> tuple[dict[str, Any], Roi | None, dict[str, Any]] | None:
+        """The made-up request a warm-up predicts: a blank volume clicked at its centre. None (no warm-up)
+        for a model that reads text, clinical fields or a non-volume image: there is no neutral stand-in
+        for a report. A model family with other needs (e.g. a mask) overrides this."""
+        if self.inputs.texts or self.inputs.fields is not None or any(
+                spec.reader != "volume" for spec in self.inputs.images if spec.required):
+            return None
+        blank = MetaTensor(torch.zeros(1, *WARM_UP_SHAPE), affine=torch.eye(4, dtype=torch.float64))
+        images = {spec.name: blank for spec in self.inputs.images if spec.required}
+        roi = Roi(points=[tuple(s // 2 for s in WARM_UP_SHAPE)]) if self.inputs.prompt else None
+        return images, roi, {}
+
+    def warm_up(self) -> bool:
+        """Predict :meth:`warm_up_request` once, so that the first real click does not pay the one-time costs
+        (torch's first call through each layer, lazily built kernels and imports). Returns whether it ran;
+        a failure is logged, never raised (the first click reports it properly)."""
+        request = self.warm_up_request()
+        if request is None:
+            return False
+        start = time.perf_counter()
+        try:
+            self.predict(*request)
+        except Exception as e:  # noqa: BLE001 - a warm-up never stops a model from being served
+            logger.info("%s: no warm-up (%s: %s)", type(self).__name__, type(e).__name__, e)
+            return False
+        logger.info("%s: warmed up in %.2fs", type(self).__name__, time.perf_counter() - start)
+        return True
 
     # -- hooks --------------------------------------------------------------------------------------
     def model_inputs(self, context: Context) -> tuple[Any, ...]:

@@ -320,3 +320,18 @@ def test_ensemble_of_named_and_callable_members(tmp_path):
     out = ensemble(torch.zeros(3, 2))
     assert out.dtype == torch.float32 and out.shape == (3,)
     assert torch.allclose(out, torch.full((3,), 2.0))
+
+
+def test_prepare_member_sees_each_loaded_member_before_the_next_is_copied(tmp_path):
+    paths = _save_folds(tmp_path, [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+
+    class Trimming(Ensemble):
+        def prepare_member(self, model):
+            calls.append((len(self.models), model.weight.detach().tolist()))
+            model.extra = None  # what a subclass frees, e.g. a text tower
+            return model
+
+    calls = []
+    ensemble = Trimming(paths, network=Scale(2), aggregation="mean")
+    assert calls == [(0, [1.0, 2.0]), (1, [3.0, 4.0]), (2, [5.0, 6.0])]
+    assert all(member.extra is None for member in ensemble.models)

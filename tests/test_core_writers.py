@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import gzip
 
+import nibabel as nib
 import nrrd
 import numpy as np
 import pytest
 
 from oncofusion.contract import InvalidRequest
-from oncofusion.serving.writers import label_extension, write_label
+from oncofusion.serving.writers import affine_4x4, label_array, label_extension, write_label
 from tests.serving_fakes import read_label_file
 
 # an oblique, anisotropic, translated grid: swapped or flipped axes cannot pass
@@ -71,3 +72,17 @@ def test_label_of_another_shape_and_unknown_formats_are_refused():
     assert label_extension({}) == ".nii.gz"
     with pytest.raises(InvalidRequest, match="'.dcm' is not offered"):
         label_extension({"result_extension": ".dcm"})
+
+
+@pytest.mark.parametrize("extension", [".nii.gz", ".nii"])
+@pytest.mark.parametrize("label", [_label(), (np.arange(42, dtype=np.int16).reshape(6, 7) * 40)],
+                         ids=["3d_uint8", "2d_int16"])
+def test_nifti_file_holds_exactly_what_nibabel_writes(tmp_path, extension, label):
+    """The fast writer streams the voxels itself; the file must still be nibabel's, byte for byte."""
+    affine = AFFINE if label.ndim == 3 else np.array([[0.1, 0.0, 5.0], [0.0, 0.2, -3.0], [0.0, 0.0, 1.0]])
+    path = write_label(label, affine, label.shape, extension)
+    reference = nib.Nifti1Image(label_array(label, label.shape), affine_4x4(affine))
+    reference.set_qform(reference.affine, code=1)
+    reference.set_sform(reference.affine, code=1)
+    raw = open(path, "rb").read()
+    assert (gzip.decompress(raw) if extension == ".nii.gz" else raw) == reference.to_bytes()

@@ -630,3 +630,78 @@ def test_a_one_instance_series_folder_is_read_as_its_file(tmp_path):
     series.mkdir()
     shutil.copy(shipped_file("OBXXXX1A.dcm"), series / "instance.dcm")
     torch.testing.assert_close(read_frame(series), read_frame(shipped_file("OBXXXX1A.dcm")))
+
+
+# -- NIfTI: one streaming pass (ISA-L gzip, file order kept) -------------------------------------------
+NIFTI_AFFINE = np.array([[0.7, 0.0, 0.0, -90.0], [0.0, -0.8, 0.0, 40.0], [0.0, 0.0, 2.5, -60.0], [0, 0, 0, 1.0]])
+
+
+def _ramp(shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    """Voxel (i, j, k) = i + 100 j + 1000 k - 2000: every position tells its own index."""
+    i, j, k = np.indices(shape[:3])
+    values = (i + 100 * j + 1000 * k - 2000).astype(dtype)
+    return values.reshape(shape)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+@pytest.mark.parametrize("dtype", [np.int16, np.uint8, ">f4", "<f8"])
+def test_nifti_voxels_keep_their_index_and_value(tmp_path, suffix, dtype):
+    # more slices than one decoding step holds, so the steps must join where they should
+    from oncofusion.io import readers
+
+    shape = (5, 4, readers.SLICES_PER_STEP * 2 + 3)
+    data = _ramp(shape, np.int32)
+    data = (data % 251 if np.dtype(dtype).kind == "u" else data).astype(dtype)
+    path = tmp_path / f"ramp{suffix}"
+    nib.save(nib.Nifti1Image(data, NIFTI_AFFINE), str(path))
+    volume = read_volume(path)
+    assert volume.shape == (1, *shape) and volume.dtype == torch.float32
+    np.testing.assert_array_equal(volume[0].numpy(), data.astype(np.float32))
+    np.testing.assert_allclose(volume.affine.numpy(), NIFTI_AFFINE)
+
+
+def test_nifti_scaled_voxels_match_nibabel(tmp_path):
+    data = _ramp((4, 3, 5), np.int16)
+    image = nib.Nifti1Image(data, NIFTI_AFFINE)
+    image.header.set_slope_inter(0.5, -1024.0)
+    path = tmp_path / "scaled.nii.gz"
+    nib.save(image, str(path))
+    expected = data * 0.5 - 1024.0
+    np.testing.assert_allclose(read_volume(path)[0].numpy(), expected, rtol=0, atol=1e-4)
+
+
+def test_nifti_trailing_singleton_axis_and_decoding_into_given_memory(tmp_path):
+    data = _ramp((4, 3, 5, 1), np.int16)
+    path = tmp_path / "with_t.nii.gz"
+    nib.save(nib.Nifti1Image(data, NIFTI_AFFINE), str(path))
+    given: list[np.ndarray] = []
+
+    def out(shape):
+        given.append(np.full(shape, np.nan, np.float32, order="F"))
+        return given[-1]
+
+    volume = read_volume(path, out=out)
+    assert volume.shape == (1, 4, 3, 5) and [g.shape for g in given] == [(4, 3, 5)]
+    np.testing.assert_array_equal(given[0], data[..., 0])  # decoded into the memory handed over ...
+    given[0][1, 2, 3] = -7.0
+    assert volume[0, 1, 2, 3] == -7.0  # ... which the volume shares, no copy
+
+
+def test_nifti_nan_voxels_and_truncated_files_are_refused(tmp_path):
+    data = _ramp((4, 3, 5), np.float32)
+    data[1, 1, 1] = np.nan
+    nib.save(nib.Nifti1Image(data, NIFTI_AFFINE), str(tmp_path / "nan.nii.gz"))
+    error = _refusal(read_volume, tmp_path / "nan.nii.gz")
+    assert error.status_code == 422 and "1 NaN/infinite voxels" in str(error)
+    whole = tmp_path / "whole.nii"
+    nib.save(nib.Nifti1Image(_ramp((4, 3, 5), np.int16), NIFTI_AFFINE), str(whole))
+    cut = tmp_path / "cut.nii"
+    cut.write_bytes(whole.read_bytes()[:-10])
+    error = _refusal(read_volume, cut)
+    assert error.status_code == 415 and "'cut.nii'" in str(error) and "truncated" in str(error)
+
+
+def _refusal(fn, *args) -> InvalidRequest:
+    with pytest.raises(InvalidRequest) as info:
+        fn(*args)
+    return info.value

@@ -62,6 +62,10 @@ PACS = "pacs"
 DICOM_RESULTS_DIR = "dicom_results"
 DICOM_FILE_SUFFIX = ".dcm"
 
+#: where a local datastore's volumes are kept decoded (float32 .npy), under its studies folder: MONAI
+#: Label lists only the folder's own image files, and the decoded copies stay beside the studies
+DECODED_DIR = Path(".oncofusion") / "decoded"
+
 #: the folders of an absolute path in a message (answers name files, never server folders)
 _ABSOLUTE_FOLDERS = re.compile(r"/(?:[^\s/'\"]+/)+")
 
@@ -145,6 +149,7 @@ class BundleInferTask(InferTask):
         self.sidecar_dir = Path(sidecar_dir) if sidecar_dir else None
         self.datastore = datastore
         self.always_label = always_label
+        self._spill_decoded_volumes()
         self._predictor: Predictor | None = None
         self._signature: tuple[tuple[str, int, int], ...] = ()
         self._build_error: str | None = None
@@ -152,6 +157,14 @@ class BundleInferTask(InferTask):
         description = self.metadata.get("description") or self.metadata.get("name", self.name)
         super().__init__(type=InferType.DEEPGROW, labels=[self._declared_label_name()],
                          dimension=self.inputs.dimension, description=description)
+
+    def _spill_decoded_volumes(self) -> None:
+        """Decode the local datastore's volumes once into files under it (:data:`DECODED_DIR`), mapped on
+        every click and reused after a restart, instead of keeping them in memory (see
+        :mod:`oncofusion.io.cache`); the first task to start sets it for the cache all tasks share."""
+        studies = getattr(self.datastore, "_datastore_path", None)
+        if studies and self.image_cache.spill_dir is None:
+            self.image_cache.spill_to(Path(studies) / DECODED_DIR)
 
     # -- predictor -----------------------------------------------------------------------------------
     @property
@@ -223,6 +236,9 @@ class BundleInferTask(InferTask):
         if not callable(getattr(predictor, "predict", None)):
             raise TypeError(f"{self.config_path}: 'predictor' has no predict(images, roi, fields) method")
         self.inputs = getattr(predictor, "inputs", self.inputs)
+        warm_up = getattr(predictor, "warm_up", None)
+        if callable(warm_up):  # here, at model load, rather than in the user's first click
+            warm_up()
         labels = getattr(predictor, "label_names", None)
         if labels:
             self.labels = list(labels) if not isinstance(labels, dict) else dict(labels)

@@ -29,12 +29,16 @@ class NoduleCLIPEnsemble(Ensemble):
 
     def __init__(self, network: NoduleCLIP, checkpoints: Sequence[str | Path],
                  prompts: Mapping[str, Mapping[str, str]] | None = None, device: torch.device | str = "cpu"):
-        super().__init__(checkpoints, network=network, aggregation="mean_probability", device=device)
+        # set before the members load: prepare_member embeds the prompts as each one arrives
         self.prompts = {feature: dict(options) for feature, options in (prompts or {}).items()}
         self.prompt_embeddings = []  # per member: feature -> (options, E)
-        for member in self.models:
-            self.prompt_embeddings.append(self._embed_prompts(member))
-            member.text_tower, member.text_projection = None, None
+        super().__init__(checkpoints, network=network, aggregation="mean_probability", device=device)
+
+    def prepare_member(self, member: NoduleCLIP) -> NoduleCLIP:
+        """Embed the prompts with this member's text tower, then drop the tower (inference reads images)."""
+        self.prompt_embeddings.append(self._embed_prompts(member))
+        member.text_tower, member.text_projection = None, None
+        return member
 
     @torch.no_grad()
     def _embed_prompts(self, member: NoduleCLIP) -> dict[str, torch.Tensor]:

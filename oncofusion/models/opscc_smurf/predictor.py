@@ -143,6 +143,19 @@ def load_risk_cutoffs(source: str | os.PathLike | Mapping | Sequence[float] | No
     return {FUSION: _cutoff_pair(source, "")}
 
 
+def cutoffs_of_model_dirs(model_dirs: Mapping[str, str | os.PathLike]) -> dict[str, tuple[float, float]]:
+    """Each variant's cut-offs from the ``risk_groups.json`` its evaluation wrote beside its fold weights
+    (``variant -> model folder``); a folder without one gives that variant no risk group (logged)."""
+    found = {}
+    for variant, folder in model_dirs.items():
+        path = Path(folder) / "risk_groups.json"
+        if path.is_file():
+            found[variant] = json.loads(path.read_text())
+        else:
+            logger.warning("no risk-group cut-offs for %s (%s absent): run evaluate.json", variant, path.name)
+    return load_risk_cutoffs(found) if found else {}
+
+
 def risk_group(risk: float, cutoffs: tuple[float, float] | None) -> str:
     """low / intermediate / high; a risk equal to a cut-off joins the lower group (as the evaluation's
     :func:`~oncofusion.evaluation.survival.risk_groups`); "no cut-offs" without them."""
@@ -499,23 +512,16 @@ class SmurfPredictor(PredictorTemplate):
         return text + (", radiology only: no slide" if result["variant"] == RADIOLOGY else "")
 
     # -- warm-up --------------------------------------------------------------------------------------
-    def warm_up(self) -> bool:
-        """One radiology-only prediction on a blank CT with a small tumor cube (the slide path has no
-        neutral stand-in); failures are logged, never raised."""
+    def warm_up_request(self) -> tuple[dict[str, Any], Roi | None, dict[str, Any]]:
+        """A blank CT with a small tumor cube and no slide: a radiology-only prediction (the slide path has
+        no neutral stand-in)."""
         affine = torch.eye(4, dtype=torch.float64)
         mask = torch.zeros(1, *WARM_UP_SHAPE, dtype=torch.uint8)
         centre = tuple(slice(s // 2 - 2, s // 2 + 2) for s in WARM_UP_SHAPE)
         mask[(slice(None), *centre)] = 1
         images = {self.inputs.primary.name: MetaTensor(torch.zeros(1, *WARM_UP_SHAPE), affine=affine),
                   TUMOR_INPUT: MetaTensor(mask, affine=affine)}
-        start = time.perf_counter()
-        try:
-            self.predict(images, None, {})
-        except Exception as e:  # noqa: BLE001 - a warm-up never stops a model from being served
-            logger.info("%s: no warm-up (%s: %s)", type(self).__name__, type(e).__name__, e)
-            return False
-        logger.info("%s: warmed up in %.2fs", type(self).__name__, time.perf_counter() - start)
-        return True
+        return images, None, {}
 
 
 def _box(box: Any) -> list[list[int]] | None:
