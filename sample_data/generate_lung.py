@@ -24,18 +24,19 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
 
 from oncofusion.data.folds import assign_folds
 from oncofusion.models.lung_nodule.lidc import LidcNodule, load_nodules, malignancy_label
-from oncofusion.models.lung_nodule.reports import build_report, semantic_features
-from sample_data.common import Grid, generator_parser, values_arg, write_nifti
+from oncofusion.models.lung_nodule.reports import build_graded_report, build_report, semantic_features
+from sample_data.common import Grid, generator_parser, logistic_oof_auroc, values_arg, write_nifti
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,33 @@ PSF_SIGMA_VOXELS = (0.6, 0.6, 0.4)  # scanner blur
 MIN_HEIGHT_RATIO = 0.6  # nodules outlined on too few slices are stretched to this height/width ratio
 SHAPE_SMOOTH_MM = 0.5  # rounds the slab steps of a resampled contour stack
 MIN_CORE_RADIUS_MM = 1.2  # part-solid cores stay visible in small nodules
-MAX_BLUR_PER_RADIUS = 0.4  # margin blur of small nodules is capped so that they keep their density
+MAX_BLUR_PER_RADIUS = 0.6  # margin blur of small nodules is capped so that they keep their density
+
+# How strongly each rating is drawn: steps large enough to see in a 50 mm view at about 1 mm per pixel.
+MARGIN_BLUR_MM = (2.0, 0.2)  # edge blur (Gaussian sigma) at margin rating 1 (poorly defined) and 5 (sharp)
+MARGIN_HALO = (0.45, 0.0)  # peak occupancy of a fluffy halo at margin 1 and from margin 3 up
+MARGIN_HALO_SIGMA_MM = 2.5
+SPICULES_PER_STEP = 4.0  # spiculation 2 -> 2 spicules, 3 -> 6, 5 -> 14
+SPICULE_LENGTH_MM = (3.0, 16.0)  # stays inside NODULE_PAD_MM
+SPICULE_BASE_RADIUS_MM = (1.0, 1.4)
+SPICULE_TIP_RADIUS_MM = 0.5
+LOBULES_PER_STEP = 3.0  # lobulation 2 -> 2 bumps, 3 -> 5, 5 -> 11
+LOBULE_RADIUS_PER_RADIUS = (0.35, 0.5)
+MIN_LOBULE_RADIUS_MM = 1.5
+LOBULE_BULGE = 0.7  # bump centres lie this many bump radii outside the surface
+LOBULE_CANDIDATES = 16  # surface points tried per bump; the one farthest from earlier bumps wins
+#: what the renderer drew, per case (``rendered`` in the manifest); the observable ceiling is fitted on these
+RENDERED_FEATURES = (
+    "diameter_mm",  # equivalent-sphere diameter of the drawn mask, lobules included
+    "solid_fraction",  # radius share of the solid part: 0 ground-glass, 1 solid
+    "margin_blur_mm",  # edge blur actually applied (after the small-nodule cap)
+    "margin_halo",  # peak occupancy of the fluffy halo of a poorly defined margin
+    "spicules",  # number of spicules
+    "spicule_length_mm",  # their mean length (0 without spicules)
+    "lobules",  # number of bumps added to the real shape
+    "calcification_mm",  # radius of the calcified focus (0 when absent)
+    "cyst_mm",  # radius of the air pocket (0 when absent)
+)
 
 LIDC_CALCIFICATION_SOLID, LIDC_CALCIFICATION_ECCENTRIC, LIDC_CALCIFICATION_ABSENT = 3, 4, 6
 
@@ -164,20 +191,33 @@ def _rotate_towards(direction: np.ndarray, angle: float, rng: np.random.Generato
     return np.cos(angle) * direction + np.sin(angle) * perp
 
 
+def _rotate_many(directions: np.ndarray, angles: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """:func:`_rotate_towards` for (N, 3) unit vectors and (N,) angles at once."""
+    other = rng.standard_normal(directions.shape)
+    perp = other - (other * directions).sum(1, keepdims=True) * directions
+    perp /= np.linalg.norm(perp, axis=1, keepdims=True) + 1e-12
+    return np.cos(angles)[:, None] * directions + np.sin(angles)[:, None] * perp
+
+
 def vessel_tree(root: np.ndarray, direction: np.ndarray, rng: np.random.Generator) -> list[tuple]:
-    """Segments ``(p0, p1, r0, r1)`` of a binary branching tree that thins towards the periphery."""
+    """Segments ``(p0, p1, r0, r1)`` of a binary branching tree that thins towards the periphery.
+
+    Built one generation at a time (all branches of a depth together): a tree has 2^8 - 1 segments and
+    a case six trees, so per-branch Python would cost more than drawing them.
+    """
     segments = []
-    stack = [(root, direction / np.linalg.norm(direction), VESSEL_TRUNK_LENGTH, VESSEL_TRUNK_RADIUS, 0)]
-    while stack:
-        start, d, length, radius, depth = stack.pop()
-        end = start + d * length * rng.uniform(0.8, 1.2)
-        segments.append((start, end, radius, radius * VESSEL_RADIUS_DECAY))
-        if depth < VESSEL_DEPTH:
-            for _ in range(2):
-                child = _rotate_towards(d, np.deg2rad(rng.uniform(20, 40)), rng)
-                stack.append(
-                    (end, child, length * VESSEL_LENGTH_DECAY, radius * VESSEL_RADIUS_DECAY, depth + 1)
-                )
+    starts = np.asarray(root, float)[None]
+    directions = (np.asarray(direction, float) / np.linalg.norm(direction))[None]
+    length, radius = VESSEL_TRUNK_LENGTH, VESSEL_TRUNK_RADIUS
+    for depth in range(VESSEL_DEPTH + 1):
+        ends = starts + directions * length * rng.uniform(0.8, 1.2, (len(starts), 1))
+        segments += [(a, b, radius, radius * VESSEL_RADIUS_DECAY) for a, b in zip(starts, ends, strict=True)]
+        if depth == VESSEL_DEPTH:
+            break
+        parents = np.repeat(directions, 2, axis=0)
+        directions = _rotate_many(parents, np.deg2rad(rng.uniform(20, 40, len(parents))), rng)
+        starts = np.repeat(ends, 2, axis=0)
+        length, radius = length * VESSEL_LENGTH_DECAY, radius * VESSEL_RADIUS_DECAY
     return segments
 
 
@@ -199,15 +239,18 @@ def tube_occupancy(grid: Grid, segments: Sequence[tuple], out: np.ndarray | None
     outside the field of view costs little.
     """
     occ = np.zeros(grid.shape, dtype=np.float32) if out is None else out
+    if not segments:
+        return occ
     spacing = np.asarray(grid.spacing)
     soft = float(spacing.min())
-    for p0, p1, r0, r1 in segments:
-        reach = max(r0, r1) + soft
-        lo = np.floor((np.minimum(p0, p1) - reach - grid.origin) / spacing).astype(int)
-        hi = np.ceil((np.maximum(p0, p1) + reach - grid.origin) / spacing).astype(int) + 1
-        lo, hi = np.maximum(lo, 0), np.minimum(hi, grid.shape)
-        if np.any(hi <= lo):
-            continue
+    starts, ends = np.array([s[0] for s in segments], float), np.array([s[1] for s in segments], float)
+    reach = np.array([max(s[2], s[3]) for s in segments]) + soft
+    los = np.floor((np.minimum(starts, ends) - reach[:, None] - grid.origin) / spacing).astype(int)
+    his = np.ceil((np.maximum(starts, ends) + reach[:, None] - grid.origin) / spacing).astype(int) + 1
+    los, his = np.maximum(los, 0), np.minimum(his, grid.shape)
+    for index in np.flatnonzero(np.all(his > los, axis=1)):  # segments that reach into the grid
+        p0, p1, r0, r1 = segments[index]
+        lo, hi = los[index], his[index]
         x, y, z = grid.axes(lo, hi)
         d = (p1 - p0).astype(np.float32)
         t = np.clip(
@@ -231,13 +274,15 @@ class NoduleModel:
 
     ``mask`` is the (resampled) real shape, indexed in RAS voxel order; ``center`` is its centre voxel
     in box coordinates (the mask centroid, moved to the nearest mask voxel if the shape is concave
-    there); ``radius_mm`` is the equivalent-sphere radius.
+    there); ``radius_mm`` is the equivalent-sphere radius; ``lobules`` counts the bumps added to the
+    real shape.
     """
 
     mask: np.ndarray
     center: np.ndarray
     radius_mm: float
     extent_mm: float
+    lobules: int = 0
 
 
 def resample_mask(mask: np.ndarray, src_spacing: Sequence[float], dst_spacing: Sequence[float]) -> np.ndarray:
@@ -265,8 +310,11 @@ def _centre_voxel(mask: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
     The plain centroid can fall outside concave shapes or on their rim, so the centre is the voxel
     nearest to the centroid among those at least half the maximum depth inside the mask.
     """
-    depth = ndimage.distance_transform_edt(mask, sampling=spacing)
-    points = np.argwhere(depth >= 0.5 * depth.max())
+    box = ndimage.find_objects(mask.astype(np.uint8))[0]  # the padded box is mostly empty: skip it
+    lo = np.array([max(b.start - 1, 0) for b in box])
+    depth = ndimage.distance_transform_edt(mask[tuple(slice(a, b.stop + 1) for a, b in zip(lo, box, strict=True))],
+                                           sampling=spacing)
+    points = np.argwhere(depth >= 0.5 * depth.max()) + lo
     centroid = np.argwhere(mask).mean(0)
     return points[np.argmin((((points - centroid) * np.asarray(spacing)) ** 2).sum(1))]
 
@@ -280,18 +328,40 @@ def _ball(
     return dist2 <= radius_mm**2
 
 
+def _rating_count(rating: float, per_step: float) -> int:
+    """How many spicules or lobules a rating draws: none at 1 (absent), ``per_step`` more per step from 1.5."""
+    return 0 if rating < 2 else int(round(per_step * (rating - 1.5)))
+
+
 def _add_lobules(
     mask: np.ndarray, lobulation: float, spacing: Sequence[float], rng: np.random.Generator
-) -> None:
-    """Add round bumps on the surface of lobulated nodules (one per rating step above 2)."""
-    count = int(round(lobulation)) - 2
+) -> int:
+    """Add round bumps that bulge out of the surface of lobulated nodules; returns how many.
+
+    Each bump is centred just outside a surface point, the candidate farthest from earlier bumps, so
+    that several bumps scallop the outline instead of merging into one.
+    """
+    count = _rating_count(lobulation, LOBULES_PER_STEP)
     if count <= 0:
-        return
+        return 0
+    spacing = np.asarray(spacing, float)
     surface = np.argwhere(mask & ~ndimage.binary_erosion(mask))
+    centroid = np.argwhere(mask).mean(0)
     radius = _equivalent_radius(mask, spacing)
+    placed: list[np.ndarray] = []
     for _ in range(count):
-        spot = surface[rng.integers(len(surface))]
-        mask |= _ball(mask.shape, spot, rng.uniform(0.25, 0.4) * radius, spacing)
+        candidates = surface[rng.integers(len(surface), size=LOBULE_CANDIDATES)]
+        if placed:
+            gaps = np.linalg.norm((candidates[:, None] - np.array(placed)[None]) * spacing, axis=2).min(1)
+            spot = candidates[np.argmax(gaps)]
+        else:
+            spot = candidates[0]
+        placed.append(spot)
+        bump = max(rng.uniform(*LOBULE_RADIUS_PER_RADIUS) * radius, MIN_LOBULE_RADIUS_MM)
+        outward = (spot - centroid) * spacing
+        outward /= np.linalg.norm(outward) + 1e-9
+        mask |= _ball(mask.shape, spot + LOBULE_BULGE * bump * outward / spacing, bump, spacing)
+    return count
 
 
 def _equivalent_radius(mask: np.ndarray, spacing: Sequence[float]) -> float:
@@ -309,17 +379,35 @@ def build_nodule_model(
     mask = resample_mask(ras_mask, src_spacing, spacing)
     pad = [int(np.ceil(pad_mm / s)) for s in spacing]
     mask = np.pad(mask, [(p, p) for p in pad])
-    _add_lobules(mask, nodule.ratings["lobulation"], spacing, rng)
+    lobules = _add_lobules(mask, nodule.ratings["lobulation"], spacing, rng)
     center = _centre_voxel(mask, spacing)
     extent = float(np.sqrt(((((np.argwhere(mask) - center) * spacing) ** 2).sum(1)).max()))
     return NoduleModel(
-        mask=mask, center=center, radius_mm=_equivalent_radius(mask, spacing), extent_mm=extent
+        mask=mask, center=center, radius_mm=_equivalent_radius(mask, spacing), extent_mm=extent, lobules=lobules
     )
 
 
 def _margin_sigma_mm(margin: float) -> float:
-    """Edge blur: rating 5 (sharp) -> 0.2 mm, rating 1 (poorly defined) -> 1.6 mm."""
-    return float(np.interp(margin, [1.0, 5.0], [1.6, 0.2]))
+    """Edge blur (Gaussian sigma, mm) from the margin rating, 1 (poorly defined) to 5 (sharp)."""
+    return float(np.interp(margin, [1.0, 5.0], MARGIN_BLUR_MM))
+
+
+def _margin_halo(
+    mask: np.ndarray, margin: float, spacing: Sequence[float], rng: np.random.Generator
+) -> tuple[np.ndarray | None, float]:
+    """A fluffy, patchy fringe around poorly defined nodules (margin < 3), and its peak occupancy.
+
+    Blur alone hides a poor margin in small nodules (their blur is capped to keep their density); the
+    halo spreads a faint, uneven rim of tissue into the surrounding lung, as an ill-defined edge does.
+    """
+    peak = float(np.interp(margin, [1.0, 3.0], MARGIN_HALO))
+    if peak <= 0:
+        return None, 0.0
+    spread = ndimage.gaussian_filter(mask.astype(np.float32), [MARGIN_HALO_SIGMA_MM / s for s in spacing])
+    spread /= max(float(spread.max()), 1e-6)
+    fluff = ndimage.gaussian_filter(rng.standard_normal(mask.shape).astype(np.float32), [1.0 / s for s in spacing])
+    fluff = 0.5 + 0.5 * np.clip(fluff / max(float(fluff.std()), 1e-6), -1.0, 1.0)
+    return peak * spread * fluff, peak
 
 
 def _core_fraction(texture: float) -> float:
@@ -334,8 +422,9 @@ def _core_fraction(texture: float) -> float:
 def _spicules(
     model: NoduleModel, spiculation: float, spacing: Sequence[float], rng: np.random.Generator
 ) -> list:
-    """Thin radial spikes from surface points outwards; more and longer with higher spiculation."""
-    count = 0 if spiculation < 2 else int(round(3 * (spiculation - 1.5)))
+    """Tapered radial spikes ``(p0, p1, r0, r1)`` from surface points outwards; more and longer with
+    higher spiculation, and never shorter than a few millimetres so that small nodules show them too."""
+    count = _rating_count(spiculation, SPICULES_PER_STEP)
     surface = np.argwhere(model.mask & ~ndimage.binary_erosion(model.mask))
     spacing = np.asarray(spacing, float)
     segments = []
@@ -344,10 +433,9 @@ def _spicules(
         outward = start - model.center * spacing
         outward = outward / (np.linalg.norm(outward) + 1e-9)
         direction = _rotate_towards(outward, np.deg2rad(rng.uniform(0, 15)), rng)
-        length = float(
-            np.clip((0.5 + 0.25 * spiculation) * model.radius_mm * rng.uniform(0.7, 1.3), 2.0, 15.0)
-        )
-        segments.append((start, start + direction * length, rng.uniform(0.7, 1.1), 0.3))
+        nominal = max((0.4 + 0.2 * spiculation) * model.radius_mm, 2.0 * spiculation)
+        length = float(np.clip(nominal * rng.uniform(0.7, 1.3), *SPICULE_LENGTH_MM))
+        segments.append((start, start + direction * length, rng.uniform(*SPICULE_BASE_RADIUS_MM), SPICULE_TIP_RADIUS_MM))
     return segments
 
 
@@ -372,13 +460,14 @@ def _calcification(model: NoduleModel, code: float, spacing: Sequence[float], rn
     return spot.astype(float), float(np.clip(0.2 * model.radius_mm, 0.8, 3.0))
 
 
-def _cyst(model: NoduleModel, spacing: Sequence[float], rng: np.random.Generator) -> np.ndarray:
-    """An air-filled pocket off the centre for cyst-like internal structure (LIDC 'air')."""
+def _cyst(model: NoduleModel, spacing: Sequence[float], rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    """An air-filled pocket off the centre for cyst-like internal structure (LIDC 'air'), and its radius."""
     points = np.argwhere(model.mask)
     dist = np.sqrt((((points - model.center) * np.asarray(spacing)) ** 2).sum(1))
     ring = points[(dist >= 0.35 * dist.max()) & (dist <= 0.5 * dist.max())]
     spot = ring[rng.integers(len(ring))] if len(ring) else model.center
-    return _ball(model.mask.shape, spot, max(0.3 * model.radius_mm, 1.0), spacing) & model.mask
+    radius = max(0.3 * model.radius_mm, 1.0)
+    return _ball(model.mask.shape, spot, radius, spacing) & model.mask, radius
 
 
 def render_nodule(
@@ -387,18 +476,24 @@ def render_nodule(
     ratings: dict[str, float],
     spacing: Sequence[float],
     rng: np.random.Generator,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Nodule HU and occupancy (0..1) over the model's box, following its texture and margin ratings.
+) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """Nodule HU and occupancy (0..1) over the model's box, following its ratings, and what was drawn.
 
-    The occupancy is the blurred mask (blur from the margin rating) combined with spicules; the HU
-    field is solid, ground-glass, or a solid core in a ground-glass halo, then calcification and cyst.
+    The occupancy is the blurred mask (blur from the margin rating) with a fluffy halo for poor margins,
+    combined with spicules; the HU field is solid, ground-glass, or a solid core in a ground-glass
+    halo, then calcification and cyst. The returned :data:`RENDERED_FEATURES` are the drawn values
+    (sizes after caps, counts), which is what an image shows, rather than the ratings behind them.
     """
     shape = model.mask.shape
     sigma_mm = min(_margin_sigma_mm(ratings["margin"]), MAX_BLUR_PER_RADIUS * model.radius_mm)
     occupancy = ndimage.gaussian_filter(model.mask.astype(np.float32), [sigma_mm / s for s in spacing])
     occupancy /= max(float(occupancy.max()), 1e-6)  # blur softens the edge, never the nodule's density
+    halo, halo_peak = _margin_halo(model.mask, ratings["margin"], spacing, rng)
+    if halo is not None:
+        np.maximum(occupancy, halo, out=occupancy)
     box = Grid(shape=shape, spacing=tuple(spacing), origin=(0.0, 0.0, 0.0))
-    tube_occupancy(box, _spicules(model, ratings["spiculation"], spacing, rng), out=occupancy)
+    spicules = _spicules(model, ratings["spiculation"], spacing, rng)
+    tube_occupancy(box, spicules, out=occupancy)
 
     core_fraction = _core_fraction(ratings["texture"])
     patchy = ndimage.gaussian_filter(
@@ -407,20 +502,36 @@ def render_nodule(
     patchy *= GGO_TEXTURE_HU / max(float(patchy.std()), 1e-6)
     outer = HU["solid"] if core_fraction >= 1 else HU["ggo"]
     hu = np.full(shape, outer, dtype=np.float32) + (patchy if core_fraction < 1 else 0.2 * patchy)
+    solid_fraction = core_fraction
     if 0 < core_fraction < 1:
         core_radius = max(core_fraction * model.radius_mm, MIN_CORE_RADIUS_MM)
+        solid_fraction = min(core_radius / model.radius_mm, 1.0)
         core = _ball(shape, model.center, core_radius, spacing) & model.mask
         core_weight = ndimage.gaussian_filter(core.astype(np.float32), [0.3 / s for s in spacing])
         hu = hu * (1 - core_weight) + HU["core"] * core_weight
 
+    cyst_mm = 0.0
     if features["internal_structure"] == "cyst-like":
-        hu[_cyst(model, spacing, rng)] = HU["cyst"]
+        cyst, cyst_mm = _cyst(model, spacing, rng)
+        hu[cyst] = HU["cyst"]
     calc = _calcification(model, ratings["calcification"], spacing, rng)
     if calc is not None:
         focus = ndimage.gaussian_filter(_ball(shape, calc[0], calc[1], spacing).astype(np.float32), 0.5)
         hu = hu * (1 - focus) + rng.uniform(400.0, 1000.0) * focus
         occupancy = np.maximum(occupancy, focus)
-    return hu, occupancy
+    lengths = [float(np.linalg.norm(p1 - p0)) for p0, p1, _, _ in spicules]
+    drawn = {
+        "diameter_mm": 2.0 * model.radius_mm,
+        "solid_fraction": solid_fraction,
+        "margin_blur_mm": sigma_mm,
+        "margin_halo": halo_peak,
+        "spicules": len(spicules),
+        "spicule_length_mm": float(np.mean(lengths)) if lengths else 0.0,
+        "lobules": model.lobules,
+        "calcification_mm": 0.0 if calc is None else float(calc[1]),
+        "cyst_mm": float(cyst_mm),
+    }
+    return hu, occupancy, {k: (v if isinstance(v, int) else round(float(v), 3)) for k, v in drawn.items()}
 
 
 # ----------------------------------------------------------------------------- placement and one case
@@ -461,6 +572,25 @@ def _place_window(
     return grid, center_ijk
 
 
+def greatest_axial_diameter_mm(mask: np.ndarray, spacing: Sequence[float]) -> float:
+    """Longest in-plane chord of a (x, y, z) mask over its axial slices, as a reader measures a nodule.
+
+    Voxel centres are used, widened by one in-plane voxel so that a one-voxel nodule measures one voxel.
+    """
+    spacing = np.asarray(spacing, float)
+    longest = 0.0
+    for k in np.flatnonzero(mask.any(axis=(0, 1))):
+        points = np.argwhere(mask[:, :, k]) * spacing[:2]
+        if len(points) > 3:
+            try:
+                points = points[ConvexHull(points).vertices]
+            except QhullError:  # collinear points: keep them all
+                pass
+        gaps = np.sqrt(((points[:, None] - points[None]) ** 2).sum(-1))
+        longest = max(longest, float(gaps.max()))
+    return longest + float(spacing[:2].mean())
+
+
 def _paste(volume: np.ndarray, local: np.ndarray, corner: np.ndarray) -> tuple[tuple, tuple]:
     """Slices of ``volume`` and ``local`` where a local box at ``corner`` overlaps the volume."""
     lo = np.maximum(corner, 0)
@@ -483,7 +613,9 @@ class CaseTask:
 
 
 def render_case(task: CaseTask) -> dict:
-    """Render one synthetic volume, write it, and return its geometry (centre voxel and mm)."""
+    """Render one synthetic volume, write it, and return its geometry (centre voxel and mm), the drawn
+    nodule's equivalent-sphere ``diameter_mm`` and greatest axial diameter ``long_axis_mm`` (lobules
+    included, spicules not), and every :data:`RENDERED_FEATURES` under ``rendered``."""
     rng = np.random.default_rng([*task.seed, 0])
     nodule, spacing = task.nodule, task.spacing
     features = semantic_features(nodule.ratings)
@@ -492,7 +624,7 @@ def render_case(task: CaseTask) -> dict:
     grid, center_ijk = _place_window(centre_mm, task.shape, spacing, rng)
 
     hu, lung = render_anatomy(grid, rng)
-    nod_hu, nod_occ = render_nodule(model, features, nodule.ratings, spacing, rng)
+    nod_hu, nod_occ, rendered = render_nodule(model, features, nodule.ratings, spacing, rng)
     dst, src = _paste(hu, nod_occ, center_ijk - model.center)
     keep_out = np.zeros(grid.shape, dtype=bool)
     keep_out[dst] = ndimage.binary_dilation(model.mask, iterations=2)[src]
@@ -505,21 +637,32 @@ def render_case(task: CaseTask) -> dict:
     image = np.clip(np.round(hu), -1024, 3071).astype(np.int16)
     write_nifti(image, grid.affine, Path(task.image_path))
     center_mm = (grid.affine @ np.r_[center_ijk, 1.0])[:3]
-    return {"center_ijk": [int(v) for v in center_ijk], "center_mm": [round(float(v), 3) for v in center_mm]}
+    return {
+        "center_ijk": [int(v) for v in center_ijk],
+        "center_mm": [round(float(v), 3) for v in center_mm],
+        "diameter_mm": round(rendered["diameter_mm"], 1),
+        "long_axis_mm": round(greatest_axial_diameter_mm(model.mask, spacing), 1),
+        "rendered": rendered,
+    }
 
 
 # ----------------------------------------------------------------------------- case selection, folds, manifest
 
 
-def select_nodules(nodules: Sequence[LidcNodule], num_cases: int, seed: int) -> list[LidcNodule]:
+def select_nodules(
+    nodules: Sequence[LidcNodule], num_cases: int, seed: int, exclude_patients: Collection[str] = ()
+) -> list[LidcNodule]:
     """Pick nodules with a definite label, half malignant and half benign where enough exist.
 
-    The choice depends only on ``seed`` and the database; the result is ordered by scan and nodule.
+    Nodules of ``exclude_patients`` are never picked, so that a held-out set shares no patient (and
+    hence no nodule shape or rating) with a training set. The choice depends only on ``seed``, the
+    exclusions and the database; the result is ordered by scan and nodule.
     """
     rng = np.random.default_rng(seed)
+    excluded = set(exclude_patients)
     by_label: dict[int, list[LidcNodule]] = {0: [], 1: []}
     for nodule in nodules:
-        if nodule.label is not None:
+        if nodule.label is not None and nodule.patient_id not in excluded:
             by_label[nodule.label].append(nodule)
     n_malignant = min(num_cases // 2, len(by_label[1]))
     n_benign = min(num_cases - n_malignant, len(by_label[0]))
@@ -531,10 +674,55 @@ def select_nodules(nodules: Sequence[LidcNodule], num_cases: int, seed: int) -> 
     return sorted(chosen, key=lambda n: (n.scan_id, n.nodule_index))
 
 
+def patients_of(manifests: Sequence[str | Path]) -> set[str]:
+    """Patient ids of every case in these manifests (to keep a held-out set disjoint from them)."""
+    patients: set[str] = set()
+    for path in manifests:
+        try:
+            cases = json.loads(Path(path).read_text())["cases"]
+            patients |= {case["patient_id"] for case in cases}
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ValueError(
+                f"cannot read patient ids from manifest {path} ({error!r}); pass a manifest.json written by "
+                "this generator to --exclude-patients-of"
+            ) from error
+    return patients
+
+
+def observable_ceiling(rendered: Sequence[dict], labels: Sequence[int], folds: Sequence[int]) -> dict:
+    """The observable-feature ceiling: out-of-fold AUROC of a logistic regression on the drawn features.
+
+    Fitted on :data:`RENDERED_FEATURES` as drawn (diameter on a log scale), not on the LIDC ratings, over
+    the manifest's patient-level folds. It estimates what a model that reads those features off the
+    image perfectly would reach; it is not an oracle or a bound (the real contour's shape is drawn too
+    and is not among the features, and the label is the readers' malignancy score, not a function of them).
+    """
+    matrix = np.array([[r[name] for name in RENDERED_FEATURES] for r in rendered], float)
+    matrix[:, RENDERED_FEATURES.index("diameter_mm")] = np.log(matrix[:, RENDERED_FEATURES.index("diameter_mm")])
+    folds = np.asarray(folds)
+    # one fold alone (e.g. every case from one patient) leaves nothing to fit on: no ceiling
+    auroc = logistic_oof_auroc(matrix, np.asarray(labels), folds) if len(np.unique(folds)) > 1 else None
+    return {
+        "name": "observable rendered-feature ceiling (SYNTHETIC)",
+        "auroc": auroc,
+        "features": ["log(diameter_mm)", *RENDERED_FEATURES[1:]],
+        "method": "L2 logistic regression (C = 1) on standardised features, one fit per fold on the other folds "
+        "of this manifest (patient-level), AUROC of the pooled out-of-fold probabilities; None when a class "
+        "is missing. An estimate of the AUROC reachable from what the image shows, not an upper bound.",
+        "label": "LIDC-IDRI mean reader malignancy of the seed nodule > 3 (mean exactly 3 excluded)",
+    }
+
+
 def _case_record(index: int, nodule: LidcNodule, seed: int, geometry: dict) -> dict:
-    """Sidecar content for one case: ids, geometry, label, report, semantics and ratings."""
+    """Sidecar content for one case: ids, geometry, label, the authors'-style report and impression, the
+    graded ones (``report_graded``, ``impression_graded``), semantics and ratings."""
     features = semantic_features(nodule.ratings)
-    report = build_report(features, np.random.default_rng([seed, index, 1]))
+    # The size the text states is the greatest axial diameter of the nodule as rendered in this case's
+    # image (render_case's long_axis_mm), so that text and image agree; only a geometry without it falls
+    # back to the LIDC readers' median diameter.
+    diameter = geometry.get("long_axis_mm", nodule.diameter_mm)
+    report = build_report(features, np.random.default_rng([seed, index, 1]), diameter_mm=diameter)
+    graded = build_graded_report(nodule.ratings, np.random.default_rng([seed, index, 2]), diameter_mm=diameter)
     label = int(malignancy_label(nodule.malignancy_mean))
     return {
         "case_id": f"lung_{index:04d}",
@@ -544,6 +732,8 @@ def _case_record(index: int, nodule: LidcNodule, seed: int, geometry: dict) -> d
         "label_name": LABEL_NAMES[label],
         "report": report["text"],
         "impression": report["impression"],
+        "report_graded": graded["text"],
+        "impression_graded": graded["impression"],
         "semantics": features,
         "ratings": dict(nodule.ratings),
         "malignancy_mean": round(float(nodule.malignancy_mean), 4),
@@ -561,9 +751,14 @@ def _manifest_row(record: dict, fold: int) -> dict:
         "label",
         "report",
         "impression",
+        "report_graded",
+        "impression_graded",
         "semantics",
         "ratings",
         "malignancy_mean",
+        "diameter_mm",
+        "long_axis_mm",
+        "rendered",
     )
     row = {k: record[k] for k in keys}
     row["image"] = f"datastore/{record['case_id']}.nii.gz"
@@ -588,13 +783,18 @@ def generate(
     spacing: Sequence[float] = DEFAULT_SPACING,
     workers: int = 1,
     nodules: Sequence[LidcNodule] | None = None,
+    exclude_patients: Collection[str] = (),
 ) -> dict:
-    """Write ``num_cases`` synthetic cases under ``out`` and return the manifest (also written)."""
+    """Write ``num_cases`` synthetic cases under ``out`` and return the manifest (also written).
+
+    ``exclude_patients`` (e.g. :func:`patients_of` a training manifest) keeps those patients' nodules
+    out, for a held-out set; the manifest records the :func:`observable_ceiling`.
+    """
     out = Path(out)
     datastore = out / "datastore"
     (datastore / "sidecars").mkdir(parents=True, exist_ok=True)
     nodules = load_nodules() if nodules is None else nodules
-    chosen = select_nodules(nodules, num_cases, seed)
+    chosen = select_nodules(nodules, num_cases, seed, exclude_patients)
     tasks = [
         CaseTask(
             f"lung_{i:04d}",
@@ -619,6 +819,8 @@ def generate(
         "num_folds": num_folds,
         "shape": list(shape),
         "spacing_mm": list(spacing),
+        "excluded_patients": len(set(exclude_patients)),
+        "ceiling": observable_ceiling([g["rendered"] for g in geometries], [r["label"] for r in records], folds),
         "cases": [_manifest_row(r, f) for r, f in zip(records, folds, strict=True)],
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
@@ -633,6 +835,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--spacing", type=values_arg(float, 3), default=DEFAULT_SPACING, help="mm, e.g. 0.7,0.7,1.25"
     )
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="processes")
+    parser.add_argument(
+        "--exclude-patients-of",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="MANIFEST",
+        help="leave out every patient of this manifest (repeatable): a held-out set, e.g. "
+        "--seed 1 --num-cases 200 --exclude-patients-of sample_data/lung_1000/manifest.json",
+    )
     return parser.parse_args(argv)
 
 
@@ -641,13 +852,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     start = time.perf_counter()
+    excluded = patients_of(args.exclude_patients_of)
     manifest = generate(
-        args.out, args.num_cases, args.seed, args.num_folds, args.shape, args.spacing, args.workers
+        args.out, args.num_cases, args.seed, args.num_folds, args.shape, args.spacing, args.workers,
+        exclude_patients=excluded,
     )
     labels = [c["label"] for c in manifest["cases"]]
+    seconds = time.perf_counter() - start
     print(
-        f"wrote {len(labels)} SYNTHETIC cases ({sum(labels)} malignant) to {args.out} "
-        f"in {time.perf_counter() - start:.1f} s"
+        f"wrote {len(labels)} SYNTHETIC cases ({sum(labels)} malignant) to {args.out} in {seconds:.1f} s "
+        f"({seconds / max(len(labels), 1):.2f} s per case, {args.workers} workers, database load included); "
+        f"{manifest['ceiling']['name']}: out-of-fold AUROC {manifest['ceiling']['auroc']}"
     )
 
 

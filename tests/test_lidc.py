@@ -15,6 +15,7 @@ from oncofusion.models.lung_nodule.lidc import (
     load_nodules,
     malignancy_label,
     mask_from_contours,
+    read_diameter_mm,
 )
 
 
@@ -137,3 +138,24 @@ def test_cluster_reads_shrinks_tolerance_above_four_reads():
     points = [_blob((0.5 * i, 0, 0)) for i in range(4)] + [_blob((3.5, 0, 0))]
     groups = cluster_reads(points, slice_thickness=2.5)
     assert sorted(map(sorted, groups)) == [[0, 1, 2, 3], [4]]
+
+
+def test_read_diameter_is_the_longest_in_plane_chord():
+    # A 4 x 4 pixel square on one slice and an 8 x 8 one on the next: the diagonal of the larger wins.
+    contours = [_square(0, 0, 4, 100.0), _square(10, 20, 8, 102.5)]
+    assert read_diameter_mm(contours, 0.7) == pytest.approx(8 * np.sqrt(2) * 0.7)
+    # Slices are never combined: two far-apart slices of one pixel each still measure 0 in-plane.
+    with pytest.raises(ValueError, match="two distinct points"):
+        read_diameter_mm([Contour(0.0, np.array([[3, 3]]), True), Contour(50.0, np.array([[3, 3]]), True)], 0.7)
+    with pytest.raises(ValueError, match="pixel_spacing"):
+        read_diameter_mm(contours, 0.0)
+
+
+def test_diameter_is_the_median_over_reads_as_the_authors_tabulate_it(nodules):
+    # The authors' LIDC table (median over readers of pylidc's Annotation.diameter) lists 32.697 mm and
+    # 30.782 mm for the first nodule of LIDC-IDRI-0001 and of LIDC-IDRI-0002.
+    first = {n.patient_id: n for n in reversed(nodules) if n.nodule_index == 0}
+    assert first["LIDC-IDRI-0001"].diameter_mm == pytest.approx(32.697, abs=1e-3)
+    assert first["LIDC-IDRI-0002"].diameter_mm == pytest.approx(30.782, abs=1e-3)
+    sizes = np.array([n.diameter_mm for n in nodules])
+    assert np.isfinite(sizes).all() and sizes.min() > 1.0 and 5.0 < np.median(sizes) < 12.0

@@ -49,8 +49,8 @@ def cube_affine(center_mm: Sequence[float], size: int, spacing: float) -> np.nda
 class ResampleCube(Transform):
     """Sample a ``size``^3 cube of ``spacing`` mm around ``center_mm`` (world RAS) with linear interpolation.
 
-    Points outside the scan get ``padding_value`` (air by default, like the authors' zero padding
-    after HU scaling).
+    Points outside the scan get ``padding_value``, in the image's own units (HU for CT): air by
+    default; a bundle that follows a recipe padding with 0 HU before the HU window sets 0.
     """
 
     def __init__(self, size: int = 100, spacing: float = 1.0, padding_value: float = -1000.0, order: int = 1):

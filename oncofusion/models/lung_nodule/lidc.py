@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
+from scipy.spatial.distance import pdist
 from skimage.draw import polygon
 
 logger = logging.getLogger(__name__)
@@ -68,8 +69,10 @@ class LidcNodule:
     ``ratings`` holds the eight non-malignancy ratings (median over reads; mode for the nominal
     ``internalStructure`` and ``calcification``). Malignancy is kept apart, as ``malignancy_mean`` and
     the individual ``malignancy_scores``, because it is the prediction target and must not leak into
-    features. ``contours`` are those of one representative read (the read of median volume) so that a
-    3D mask can be built with :meth:`mask`.
+    features. ``diameter_mm`` is the median over reads of each read's diameter, as pylidc's
+    ``Annotation.diameter`` defines it (see :func:`read_diameter_mm`); the authors put this median in
+    their report text. ``contours`` are those of one representative read (the read of median volume) so
+    that a 3D mask can be built with :meth:`mask`.
     """
 
     patient_id: str
@@ -83,6 +86,7 @@ class LidcNodule:
     slice_thickness: float
     slice_spacing: float
     representative_annotation_id: int
+    diameter_mm: float
     contours: tuple[Contour, ...] = field(repr=False, compare=False)
 
     @property
@@ -244,6 +248,25 @@ def cluster_reads(points: Sequence[np.ndarray], slice_thickness: float) -> list[
     return list(groups.values())
 
 
+def read_diameter_mm(contours: Iterable[Contour], pixel_spacing: float) -> float:
+    """One read's diameter (mm): the longest in-plane extent of any of its contours.
+
+    This is pylidc's ``Annotation.diameter``: on every slice, the largest distance between two points
+    of a contour polygon, times the pixel spacing; the read's diameter is the largest over its slices.
+    Like pylidc it is measured in the axial plane only and along straight chords (a chord may leave a
+    concave outline). Exclusion contours lie inside an inclusion contour, so they never set the maximum.
+    """
+    if pixel_spacing <= 0:
+        raise ValueError(f"pixel_spacing must be positive, got {pixel_spacing}")
+    longest = 0.0
+    for contour in contours:
+        if len(contour.xy) > 1:
+            longest = max(longest, float(pdist(contour.xy.astype(float)).max()))
+    if longest == 0.0:
+        raise ValueError("read_diameter_mm needs a contour of at least two distinct points")
+    return longest * float(pixel_spacing)
+
+
 def _polygon_area(xy: np.ndarray) -> float:
     """Shoelace area of a closed pixel polygon (pixels^2)."""
     x, y = xy[:, 0].astype(float), xy[:, 1].astype(float)
@@ -280,6 +303,7 @@ def _make_nodule(scan_id: int, scan: dict, index: int, reads: Sequence[_Annotati
         slice_thickness=scan["slice_thickness"],
         slice_spacing=scan["slice_spacing"],
         representative_annotation_id=rep.ann_id,
+        diameter_mm=float(np.median([read_diameter_mm(r.contours, scan["pixel_spacing"]) for r in reads])),
         contours=tuple(sorted(rep.contours, key=lambda c: c.z_mm)),
     )
 

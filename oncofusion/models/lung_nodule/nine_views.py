@@ -1,5 +1,11 @@
 """The nine 2D views through a nodule: three orthogonal planes and two planes of each 45-degree rotation.
 
+The authors' cube comes out of ``Orientationd(axcodes="LPS")`` and ``Transposed(indices=(0, 3, 2, 1))``,
+so its axes run along S, P, L: view 0 (normal to axis 0) is axial with rows running anterior to
+posterior and columns right to left, view 1 coronal and view 2 sagittal, both with rows running
+inferior to superior. ``ResampleCube`` gives an (L, P, S) cube; :class:`NineViewsd` transposes it to
+(S, P, L) first, so a pretrained encoder sees the images the authors trained on.
+
 The authors rotate the whole cube three times with ``scipy.ndimage.rotate`` and slice it. Only nine
 50x50 planes are ever used, so here each plane's sample points are mapped back through the rotation
 and interpolated directly: the same numbers (cubic B-spline interpolation is separable and exact at
@@ -10,14 +16,17 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
 
+import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.transforms import MapTransform, Randomizable
 from scipy.ndimage import map_coordinates, rotate
 
-# (axes of the 45-degree rotation or None, axis normal to the sampled plane), in the authors' order
+# (axes of the 45-degree rotation or None, axis normal to the sampled plane) on the (S, P, L) cube,
+# in the authors' order
 VIEW_PLANES: tuple[tuple[tuple[int, int] | None, int], ...] = (
     (None, 0),
     (None, 1),
@@ -30,12 +39,21 @@ VIEW_PLANES: tuple[tuple[tuple[int, int] | None, int], ...] = (
     ((1, 2), 2),
 )
 NUM_VIEWS = len(VIEW_PLANES)
-# the cube's axes run along L, P, S, so the planes normal to them are sagittal, coronal and axial
 VIEW_NAMES: tuple[str, ...] = (
-    "sagittal", "coronal", "axial",
-    "oblique L-S 1", "oblique L-S 2", "oblique L-P 1", "oblique L-P 2", "oblique P-S 1", "oblique P-S 2",
+    "axial",
+    "coronal",
+    "sagittal",
+    "oblique S-L 1",
+    "oblique S-L 2",
+    "oblique S-P 1",
+    "oblique S-P 2",
+    "oblique P-L 1",
+    "oblique P-L 2",
 )
 ROTATION_DEGREES = 45.0
+# ResampleCube's (L, P, S) axes -> the authors' (S, P, L)
+LPS_TO_VIEW_AXES = (2, 1, 0)
+CUBE_AXCODES = ("L", "P", "S")
 
 
 def _plane_coordinates(
@@ -75,14 +93,15 @@ def extract_nine_views(
     slice_offsets: np.ndarray | None = None,
     shifts: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Nine views (9, output_size, output_size) of a (D, H, W) cube centred on the nodule.
+    """Nine views (9, output_size, output_size) of an (S, P, L) cube centred on the nodule.
 
-    ``slice_offsets`` (9,) move each plane along its normal and ``shifts`` (9, 2) move its 2D crop;
-    both are zero at inference. Each view is resized bilinearly (corners aligned, like
-    ``scipy.ndimage.zoom(order=1)``) to ``output_size``.
+    ``shifts`` (9, 2) move each view's 2D crop, as the authors' training jitter does;
+    ``slice_offsets`` (9,) move each plane along its normal, which the authors never do. Both are zero
+    at inference. Each view is resized bilinearly (corners aligned, like ``scipy.ndimage.zoom(order=1)``)
+    to ``output_size``. Samples beyond the cube read 0, like ``scipy.ndimage.rotate``'s default.
     """
     if cube.ndim != 3:
-        raise ValueError(f"expected a 3D cube (D, H, W), got shape {cube.shape}")
+        raise ValueError(f"expected a 3D cube (S, P, L), got shape {cube.shape}")
     slice_offsets = np.zeros(NUM_VIEWS, int) if slice_offsets is None else slice_offsets
     shifts = np.zeros((NUM_VIEWS, 2), int) if shifts is None else shifts
     coords = np.stack(
@@ -92,7 +111,9 @@ def extract_nine_views(
         ],
         axis=1,
     )  # (3, 9, view_size, view_size)
-    views = map_coordinates(cube.astype(np.float32, copy=False), coords, order=order, mode="constant", cval=0.0)
+    views = map_coordinates(
+        cube.astype(np.float32, copy=False), coords, order=order, mode="constant", cval=0.0
+    )
     return resize_views(views, output_size)
 
 
@@ -106,11 +127,14 @@ def resize_views(views: np.ndarray, output_size: int) -> np.ndarray:
 
 
 def reference_nine_views(cube: np.ndarray, view_size: int = 50, order: int = 3) -> np.ndarray:
-    """The authors' recipe, plane by plane with ``scipy.ndimage.rotate``: slow, kept to test and benchmark against."""
+    """The authors' recipe on an (S, P, L) cube, plane by plane with ``scipy.ndimage.rotate``: slow, kept to
+    test and benchmark against."""
     center = [n // 2 for n in cube.shape]
     views = []
     for axes, normal in VIEW_PLANES:
-        volume = cube if axes is None else rotate(cube, ROTATION_DEGREES, axes=axes, reshape=False, order=order)
+        volume = (
+            cube if axes is None else rotate(cube, ROTATION_DEGREES, axes=axes, reshape=False, order=order)
+        )
         plane = np.take(volume, center[normal], axis=normal)
         in_plane = [center[axis] for axis in range(3) if axis != normal]
         rows = slice(in_plane[0] - view_size // 2, in_plane[0] - view_size // 2 + view_size)
@@ -119,11 +143,32 @@ def reference_nine_views(cube: np.ndarray, view_size: int = 50, order: int = 3) 
     return np.stack(views).astype(np.float32)
 
 
-class NineViewsd(Randomizable, MapTransform):
-    """(1, D, H, W) cube -> (9, S, S) views, one view per channel.
+def lps_cube_to_view_axes(image: torch.Tensor | np.ndarray) -> np.ndarray:
+    """(1, L, P, S) cube, as ``ResampleCube`` makes it -> (S, P, L) array, as the authors slice it.
 
-    With ``max_shift``/``max_slice_shift`` > 0 (training) each view's crop and plane move by a
-    random integer in ``[-max_shift, max_shift)`` / ``[-max_slice_shift, max_slice_shift)``.
+    A cube that carries an affine must have L, P, S axes; a plain array is taken to have them.
+    """
+    if image.ndim != 4 or image.shape[0] != 1:
+        raise ValueError(f"expected a single-channel cube (1, L, P, S), got shape {tuple(image.shape)}")
+    if isinstance(image, MetaTensor):
+        axcodes = nib.orientations.aff2axcodes(image.affine.numpy())
+        if tuple(axcodes) != CUBE_AXCODES:
+            raise ValueError(
+                f"the nine views need a cube with L, P, S axes, got {''.join(axcodes)}: crop it with "
+                "ResampleCubed or orient it with Orientationd(axcodes='LPS') first"
+            )
+    cube = image[0].detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)[0]
+    return cube.transpose(LPS_TO_VIEW_AXES)
+
+
+class NineViewsd(Randomizable, MapTransform):
+    """(1, L, P, S) cube -> (9, output_size, output_size) views, one view per channel, in the authors'
+    orientation and order (see the module docstring).
+
+    With ``max_shift`` > 0 (training; the authors use 5) each view's crop moves by a random integer in
+    ``[-max_shift, max_shift)`` along both of its axes. ``max_slice_shift`` > 0 also moves each plane
+    along its normal by an integer in ``[-max_slice_shift, max_slice_shift)``: not in the authors' code,
+    so off by default.
     """
 
     def __init__(
@@ -137,6 +182,10 @@ class NineViewsd(Randomizable, MapTransform):
         allow_missing_keys: bool = False,
     ):
         MapTransform.__init__(self, keys, allow_missing_keys)
+        if max_shift < 0 or max_slice_shift < 0:
+            raise ValueError(
+                f"max_shift ({max_shift}) and max_slice_shift ({max_slice_shift}) must be >= 0; use 0 for none"
+            )
         self.view_size = view_size
         self.output_size = output_size
         self.order = order
@@ -155,10 +204,13 @@ class NineViewsd(Randomizable, MapTransform):
         d = dict(data)
         self.randomize()
         for key in self.key_iterator(d):
-            image = d[key]
-            cube = image[0].detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)[0]
             views = extract_nine_views(
-                cube, self.view_size, self.output_size, self.order, self._slice_offsets, self._shifts
+                lps_cube_to_view_axes(d[key]),
+                self.view_size,
+                self.output_size,
+                self.order,
+                self._slice_offsets,
+                self._shifts,
             )
             d[key] = torch.from_numpy(views)
         return d

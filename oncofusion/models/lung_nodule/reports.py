@@ -4,10 +4,25 @@ The paper turns structured semantic features into short reports with an LLM; her
 templates with random phrasing and finding order do the same job reproducibly and offline: the same
 generator seed gives the same text. The model trains on the impression; :func:`augment_report` adds
 the authors' synonym swaps and random word crop.
+
+Two report builders:
+
+- :func:`build_report` (the default) follows the authors: the coarse semantic options of
+  :func:`semantic_features` plus the nodule's greatest diameter (their LIDC table carries the median
+  over readers of pylidc's diameter, and their augmentation swaps "mm"/"millimeter" and
+  "greatest"/"longest"/"maximum", so the size is in their text).
+- :func:`build_graded_report` is our departure: it keeps the five steps of every ordinal LIDC rating
+  ("no", "minimal", "mild", "moderate", "marked" spiculation ...), the six calcification patterns, the
+  four internal structures and the subtlety, plus the diameter. On the real LIDC annotations the graded
+  text carries more of the readers' malignancy call than the coarse one (``bench/lidc_benchmark.py``).
+
+Zero-shot prompts (:func:`zero_shot_prompts`) are built by the default impression template with only
+one feature's words filled in, so every prompt is a fragment of a sentence the model trained on.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 
@@ -38,36 +53,6 @@ _RATING_OF_FEATURE: dict[str, str] = {
 _LIDC_CALCIFICATION_ABSENT = 6
 _LIDC_CALCIFICATION_ECCENTRIC = 4  # "non-central" in LIDC; the spec calls it eccentric
 _LIDC_INTERNAL_AIR = 4  # "air" in LIDC; the spec calls it cyst-like
-
-_ZERO_SHOT: dict[str, dict[str, str]] = {
-    "shape": {"round": "The nodule is round.", "irregular": "The nodule is ovoid or irregular in shape."},
-    "margin": {
-        "well-defined": "The nodule has a well-defined margin.",
-        "poorly defined": "The nodule has a poorly defined margin.",
-    },
-    "lobulation": {
-        "lobulated": "The nodule has a lobulated contour.",
-        "not lobulated": "The nodule has a smooth, non-lobulated contour.",
-    },
-    "spiculation": {
-        "spiculated": "The nodule has a spiculated margin.",
-        "not spiculated": "The nodule has a smooth margin.",
-    },
-    "texture": {
-        "ground-glass": "The nodule is a pure ground-glass nodule.",
-        "part-solid": "The nodule is a part-solid nodule.",
-        "solid": "The nodule is a solid nodule.",
-    },
-    "calcification": {
-        "absent": "The nodule has no calcification.",
-        "present": "The nodule has a central or diffuse calcification.",
-        "eccentric": "The nodule has an eccentric calcification.",
-    },
-    "internal_structure": {
-        "soft tissue": "The nodule has soft-tissue internal structure.",
-        "cyst-like": "The nodule has a cyst-like internal structure.",
-    },
-}
 
 # Finding sentences: several phrasings per option, chosen at random.
 _FINDINGS: dict[str, dict[str, tuple[str, ...]]] = {
@@ -173,9 +158,10 @@ _INTRO: tuple[str, ...] = (
     "A nodule is seen in the lung.",
 )
 
-# Impression fragments: terse phrases that summarise every feature.
-_IMPRESSION_WORDS: dict[str, dict[str, tuple[str, ...]]] = {
-    "shape": {"round": ("Round", "Rounded"), "irregular": ("Irregular", "Ovoid-to-irregular")},
+# Impression fragments: terse phrases that summarise every feature. The first phrasing of each option
+# also words its zero-shot prompt.
+IMPRESSION_WORDS: dict[str, dict[str, tuple[str, ...]]] = {
+    "shape": {"round": ("round", "rounded"), "irregular": ("irregular", "ovoid-to-irregular")},
     "texture": {
         "ground-glass": ("pure ground-glass", "ground-glass"),
         "part-solid": ("part-solid", "mixed part-solid"),
@@ -200,11 +186,55 @@ _IMPRESSION_WORDS: dict[str, dict[str, tuple[str, ...]]] = {
         "cyst-like": ("Cyst-like internal structure.", "Internal structure is cyst-like."),
     },
 }
+# Filled with "<lobulation> and <spiculation>", or one of them alone in a zero-shot prompt.
 _IMPRESSION_VERBS: tuple[str, ...] = (
-    "It shows {} and {}.",
-    "There is {} and {}.",
-    "It demonstrates {} and {}.",
+    "It shows {}.",
+    "There is {}.",
+    "It demonstrates {}.",
 )
+# The size sentence of the findings, filled with size_text(); "greatest" is swapped with "longest" and
+# "maximum", "mm" with "millimeter", by the augmentation.
+_SIZE_FINDINGS: tuple[str, ...] = (
+    "It measures {} in greatest diameter.",
+    "The greatest diameter is {}.",
+    "Its greatest diameter measures {}.",
+)
+
+# Graded report (our departure): words for levels 1..5 of each ordinal LIDC rating. LIDC's anchors are
+# sphericity 1 linear / 3 ovoid / 5 round, margin 1 poorly defined / 5 sharp, lobulation and spiculation
+# 1 none / 5 marked, texture 1 non-solid (ground-glass) / 3 part solid / 5 solid, subtlety 1 extremely
+# subtle / 5 obvious; the steps between are worded so that their order reads off the words.
+GRADED_WORDS: dict[str, tuple[str, str, str, str, str]] = {
+    "sphericity": ("linear", "linear-to-ovoid", "ovoid", "ovoid-to-round", "round"),
+    "texture": ("pure ground-glass", "mostly ground-glass", "part-solid", "mostly solid", "solid"),
+    "margin": ("very poorly defined", "poorly defined", "moderately defined", "well-defined", "sharply defined"),
+    "lobulation": ("no", "minimal", "mild", "moderate", "marked"),
+    "spiculation": ("no", "minimal", "mild", "moderate", "marked"),
+    "subtlety": ("extremely subtle", "moderately subtle", "fairly subtle", "moderately obvious", "obvious"),
+}
+_GRADED_FINDINGS: dict[str, tuple[str, ...]] = {
+    "sphericity": ("The nodule is {} in shape.", "Its shape is {}."),
+    "texture": ("The attenuation is {}.", "It is {} in attenuation."),
+    "margin": ("Its margin is {}.", "The margins are {}."),
+    "lobulation": ("There is {} lobulation.", "The contour shows {} lobulation."),
+    "spiculation": ("There is {} spiculation.", "The margin shows {} spiculation."),
+    "subtlety": ("The nodule is {}.", "It is {} on the scan."),
+}
+# LIDC calcification codes 1..6 and internal structure codes 1..4, as sentences.
+_GRADED_CALCIFICATION: dict[int, str] = {
+    1: "Popcorn calcification.",
+    2: "Laminated calcification.",
+    3: "Solid calcification.",
+    4: "Eccentric calcification.",
+    5: "Central calcification.",
+    6: "No calcification.",
+}
+_GRADED_INTERNAL: dict[int, str] = {
+    1: "Soft-tissue internal structure.",
+    2: "Fluid internal structure.",
+    3: "Fat internal structure.",
+    4: "Cyst-like, air-containing internal structure.",
+}
 
 # Reserved synonym groups for augmentation: any member may be swapped for any other of its group.
 SYNONYMS: tuple[tuple[str, ...], ...] = (
@@ -220,6 +250,8 @@ SYNONYMS: tuple[tuple[str, ...], ...] = (
     ("irregular", "uneven"),
     ("attenuation", "density"),
     ("focus", "spot"),
+    ("mm", "millimeter"),  # the authors' size synonyms
+    ("greatest", "longest", "maximum"),
 )
 _SYNONYM_GROUP: dict[str, tuple[str, ...]] = {w: group for group in SYNONYMS for w in group}
 _SYNONYM_PATTERN = re.compile(
@@ -280,11 +312,6 @@ def _calcification(code: float) -> str:
     return "eccentric" if code == _LIDC_CALCIFICATION_ECCENTRIC else "present"
 
 
-def zero_shot_prompts() -> dict[str, dict[str, str]]:
-    """One sentence per option of every feature, for zero-shot classification by text similarity."""
-    return {feature: dict(prompts) for feature, prompts in _ZERO_SHOT.items()}
-
-
 def _validate_features(features: Mapping[str, str]) -> None:
     """Reject unknown features and options early, naming them, rather than failing in a template."""
     for feature, options in SEMANTIC_OPTIONS.items():
@@ -296,44 +323,173 @@ def _validate_features(features: Mapping[str, str]) -> None:
             )
 
 
-def _findings(features: Mapping[str, str], rng: np.random.Generator) -> str:
-    """Introductory sentence, then one sentence per feature in random order."""
+def size_text(diameter_mm: float) -> str:
+    """The diameter as the reports write it: whole millimetres in digits, e.g. ``"12 mm"``.
+
+    Whole millimetres: a reader's diameter varies by more than that between readers, and a short digit
+    string is one token for the text encoder.
+    """
+    if isinstance(diameter_mm, bool) or not isinstance(diameter_mm, int | float) or not math.isfinite(diameter_mm):
+        raise ValueError(f"diameter_mm must be a finite number of millimetres, got {diameter_mm!r}")
+    if diameter_mm <= 0:
+        raise ValueError(f"diameter_mm must be positive, got {diameter_mm}; pass None when it is unknown")
+    return f"{max(1, math.floor(diameter_mm + 0.5))} mm"
+
+
+def _capitalise(sentence: str) -> str:
+    return sentence[:1].upper() + sentence[1:]
+
+
+def _impression_text(words: Mapping[str, str], size: str | None, verb: str, tail_first: str) -> str:
+    """The impression template: ``"<size> <shape> <texture> pulmonary nodule with <margin>. It shows
+    <lobulation> and <spiculation>. <calcification> <internal structure>"``.
+
+    Any feature absent from ``words`` (and the size when ``size`` is None) is left out with its
+    connecting words, so the zero-shot prompts come from this same template with one feature filled in.
+    ``tail_first`` names which of calcification and internal structure comes first.
+    """
+    head = " ".join(w for w in (size, words.get("shape"), words.get("texture"), "pulmonary nodule") if w)
+    if "margin" in words:
+        head += f" with {words['margin']}"
+    sentences = [_capitalise(head) + "."]
+    contour = [words[f] for f in ("lobulation", "spiculation") if f in words]
+    if contour:
+        sentences.append(verb.format(" and ".join(contour)))
+    tail = ["calcification", "internal_structure"]
+    if tail_first != tail[0]:
+        tail.reverse()
+    sentences += [words[f] for f in tail if f in words]
+    return " ".join(sentences)
+
+
+def zero_shot_prompts() -> dict[str, dict[str, str]]:
+    """One prompt per option of every feature: the default impression template with only that feature's
+    words (their first phrasing), e.g. ``"Pulmonary nodule. It shows no spiculation."``.
+
+    Every prompt is a fragment of the impressions the model trains on, and the prompts of one feature
+    differ only in that feature's words, so no two features share a prompt.
+    """
+    verb = _IMPRESSION_VERBS[0]
+    return {
+        feature: {
+            option: _impression_text({feature: words[0]}, None, verb, "calcification")
+            for option, words in options.items()
+        }
+        for feature, options in IMPRESSION_WORDS.items()
+    }
+
+
+def _optional_size(diameter_mm: float | None) -> str | None:
+    return None if diameter_mm is None else size_text(diameter_mm)
+
+
+def _findings(features: Mapping[str, str], size: str | None, rng: np.random.Generator) -> str:
+    """Introductory sentence, the size, then one sentence per feature in random order."""
     order = rng.permutation(len(SEMANTIC_OPTIONS))
     names = list(SEMANTIC_OPTIONS)
     sentences = [_pick(_INTRO, rng)]
+    if size is not None:
+        sentences.append(_pick(_SIZE_FINDINGS, rng).format(size))
     sentences += [_pick(_FINDINGS[names[i]][features[names[i]]], rng) for i in order]
     return " ".join(sentences)
 
 
-def _impression(features: Mapping[str, str], rng: np.random.Generator) -> str:
-    """A terse summary that still names every feature, since the model trains on it alone."""
-
-    def word(feature: str) -> str:
-        return _pick(_IMPRESSION_WORDS[feature][features[feature]], rng)
-
-    head = f"{word('shape')} {word('texture')} pulmonary nodule with {word('margin')}."
-    contour = _pick(_IMPRESSION_VERBS, rng).format(word("lobulation"), word("spiculation"))
-    tail = [word("calcification"), word("internal_structure")]
-    if rng.random() < 0.5:
-        tail.reverse()
-    return " ".join([head, contour, *tail])
+def _impression(features: Mapping[str, str], size: str | None, rng: np.random.Generator) -> str:
+    """A terse summary that still names every feature and the size, since the model trains on it alone."""
+    words = {feature: _pick(IMPRESSION_WORDS[feature][features[feature]], rng) for feature in SEMANTIC_OPTIONS}
+    verb = _pick(_IMPRESSION_VERBS, rng)
+    tail_first = "internal_structure" if rng.random() < 0.5 else "calcification"
+    return _impression_text(words, size, verb, tail_first)
 
 
-def build_report(features: Mapping[str, str], rng: np.random.Generator) -> dict[str, str]:
-    """Write a findings + impression report for one nodule from its semantic features.
+def _report(findings: str, impression: str) -> dict[str, str]:
+    return {"findings": findings, "impression": impression, "text": f"Findings: {findings} Impression: {impression}"}
+
+
+def build_report(
+    features: Mapping[str, str], rng: np.random.Generator, *, diameter_mm: float | None
+) -> dict[str, str]:
+    """Write the authors'-style findings + impression report for one nodule.
+
+    ``features`` are the coarse semantic options (:func:`semantic_features`); ``diameter_mm`` is the
+    nodule's greatest diameter (for LIDC, the median over readers), written as in :func:`size_text` in
+    both findings and impression; pass None only where no size is known (the text then has none).
 
     Returns ``{"findings", "impression", "text"}`` where ``text`` is
     ``"Findings: <findings> Impression: <impression>"``. Phrasing and finding order are random but
     drawn only from ``rng``, so a fixed seed reproduces the text exactly.
     """
     _validate_features(features)
-    findings = _findings(features, rng)
-    impression = _impression(features, rng)
-    return {
-        "findings": findings,
-        "impression": impression,
-        "text": f"Findings: {findings} Impression: {impression}",
+    size = _optional_size(diameter_mm)
+    findings = _findings(features, size, rng)
+    return _report(findings, _impression(features, size, rng))
+
+
+def graded_levels(ratings: Mapping[str, float]) -> dict[str, int]:
+    """The LIDC ratings the graded report words: ordinal medians rounded half up to 1..5, and the codes
+    of calcification (1..6) and internal structure (1..4)."""
+    levels = {}
+    for name in GRADED_WORDS:
+        value = _rating(ratings, name)
+        if not 1 <= value <= 5:
+            raise ValueError(f"rating '{name}' must lie in [1, 5], got {value}")
+        levels[name] = math.floor(value + 0.5)
+    for name, table in (("calcification", _GRADED_CALCIFICATION), ("internalStructure", _GRADED_INTERNAL)):
+        code = round(_rating(ratings, name))
+        if code not in table:
+            raise ValueError(f"rating '{name}' has unknown LIDC code {code} (codes: {sorted(table)})")
+        levels[name] = code
+    return levels
+
+
+def _graded_findings(levels: Mapping[str, int], size: str | None, rng: np.random.Generator) -> str:
+    sentences = []
+    for name in GRADED_WORDS:
+        sentences.append(_pick(_GRADED_FINDINGS[name], rng).format(GRADED_WORDS[name][levels[name] - 1]))
+    sentences.append(_GRADED_CALCIFICATION[levels["calcification"]])
+    sentences.append(_GRADED_INTERNAL[levels["internalStructure"]])
+    order = rng.permutation(len(sentences))
+    head = [_pick(_INTRO, rng)]
+    if size is not None:
+        head.append(_pick(_SIZE_FINDINGS, rng).format(size))
+    return " ".join(head + [_capitalise(sentences[i]) for i in order])
+
+
+def _graded_impression(levels: Mapping[str, int], size: str | None, rng: np.random.Generator) -> str:
+    """The default impression template with five-level words, then the subtlety."""
+
+    def word(name: str) -> str:
+        return GRADED_WORDS[name][levels[name] - 1]
+
+    words = {
+        "shape": word("sphericity"),
+        "texture": word("texture"),
+        "margin": f"{word('margin')} margins",
+        "lobulation": f"{word('lobulation')} lobulation",
+        "spiculation": f"{word('spiculation')} spiculation",
+        "calcification": _GRADED_CALCIFICATION[levels["calcification"]],
+        "internal_structure": _GRADED_INTERNAL[levels["internalStructure"]],
     }
+    verb = _pick(_IMPRESSION_VERBS, rng)
+    tail_first = "internal_structure" if rng.random() < 0.5 else "calcification"
+    text = _impression_text(words, size, verb, tail_first)
+    return f"{text} The nodule is {word('subtlety')}."
+
+
+def build_graded_report(
+    ratings: Mapping[str, float], rng: np.random.Generator, *, diameter_mm: float | None
+) -> dict[str, str]:
+    """Write a report that keeps every step of the LIDC ratings (our departure from the authors).
+
+    ``ratings`` are the aggregated LIDC ratings (median over readers, mode for calcification and
+    internal structure); ordinal ones are worded in five levels (:data:`GRADED_WORDS`), calcification
+    and internal structure by their LIDC pattern, and the subtlety is added. ``diameter_mm`` and the
+    returned keys are as in :func:`build_report`.
+    """
+    levels = graded_levels(ratings)
+    size = _optional_size(diameter_mm)
+    findings = _graded_findings(levels, size, rng)
+    return _report(findings, _graded_impression(levels, size, rng))
 
 
 def _match_case(template: str, word: str) -> str:
