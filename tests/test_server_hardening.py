@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import requests
 
+from oncofusion.serving.infer_task import DECODED_DIR
 from oncofusion.serving.launcher import REPO_ROOT, LocalServer
 from tests.serving_fakes import make_datastore, make_fake_bundle, volume_with_blob, write_nifti
 
@@ -187,12 +188,18 @@ CASES = [case for model in MODELS for case in _infer_cases(model)] + GENERAL_CAS
 
 
 def _snapshot(root: Path) -> dict[str, str]:
-    """Every file under ``root`` and its hash (the server's own log and lock file aside)."""
+    """Every file under ``root`` and its hash (the server's own log and lock file aside, and the decoded
+    copies of stored volumes: a derived, size-bounded cache that a refused request may warm, never data)."""
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
         if p.is_file() and p.name not in (".lock", "server.log") and "__pycache__" not in p.parts
+        and not _is_decoded_copy(p)
     }
+
+
+def _is_decoded_copy(path: Path) -> bool:
+    return DECODED_DIR.parts == path.parent.parts[-len(DECODED_DIR.parts):]
 
 
 def _uploads_in_tmp() -> set[str]:
