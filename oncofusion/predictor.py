@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +36,25 @@ WARM_UP_SHAPE = (32, 32, 32)
 
 def _shape_text(shape: Sequence[int]) -> str:
     return "x".join(str(int(s)) for s in shape)
+
+
+def run_preprocessing(transform: Callable[[dict], dict], data: dict) -> dict:
+    """``transform(data)``, re-raising an :class:`InvalidRequest` that MONAI's ``Compose`` wrapped in a
+    ``RuntimeError`` (the server answers the former with 4xx and its message, the latter with 500)."""
+    try:
+        return transform(data)
+    except RuntimeError as error:
+        cause: BaseException | None = error
+        while cause is not None and not isinstance(cause, InvalidRequest):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise cause from None
+
+
+def safe_file_name(name: str) -> str:
+    """A file name with only letters, digits, '-', '_' and '.' (case ids come from users)."""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)[-120:]
 
 
 def radius_option(fields: Mapping[str, Any], name: str, default: float, maximum: float, limit: str = "") -> float:

@@ -62,7 +62,7 @@ from oncofusion.models.opscc_smurf.explain import (
 )
 from oncofusion.models.opscc_smurf.network import CT_MODALITIES, GRADE_LOGIT, LOG_HAZARD, SmurfNet
 from oncofusion.models.opscc_smurf.subvolumes import subvolume_transforms
-from oncofusion.predictor import Context, PredictorTemplate
+from oncofusion.predictor import WARM_UP_SHAPE, Context, PredictorTemplate, run_preprocessing, safe_file_name
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,6 @@ BOX_SUFFIX = "_box"
 #: slide_fragment_grids' planning arguments (the heatmap re-plans with the same ones)
 PLANNING_KEYS = ("region_size", "target_mpp", "grid_size", "min_tissue", "min_tumor_overlap", "thumbnail_size")
 GRID_KEYS = (*PLANNING_KEYS, "batch_size", "num_workers")
-WARM_UP_SHAPE = (32, 32, 32)
 
 
 def default_inputs() -> InputSpec:
@@ -189,23 +188,6 @@ def split_region_label(label: Any, affine: Any, what: str) -> tuple[MetaTensor, 
     return mask(TUMOR_VALUE), mask(NODES_VALUE) if NODES_VALUE in values else None
 
 
-def _unwrapped(transform: Callable[[dict], dict], data: dict) -> dict:
-    """``transform(data)``, re-raising an :class:`InvalidRequest` that MONAI's ``Compose`` wrapped in a
-    ``RuntimeError`` (the server answers the former with 4xx and its message, the latter with 500)."""
-    try:
-        return transform(data)
-    except RuntimeError as error:
-        cause: BaseException | None = error
-        while cause is not None and not isinstance(cause, InvalidRequest):
-            cause = cause.__cause__
-        if cause is None:
-            raise
-        raise cause from None
-
-
-def _safe(name: str) -> str:
-    """A file name with only letters, digits, '-', '_' and '.' (case ids come from users)."""
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)[-120:]
 
 
 class SmurfPredictor(PredictorTemplate):
@@ -372,7 +354,7 @@ class SmurfPredictor(PredictorTemplate):
         """``(ct_tumor, ct_nodes[, wsi])``, each with a batch axis; ``wsi`` ``(1, n, 192, S, S)``."""
         ct = context.images[self.inputs.primary.name]
         data = {IMAGE_KEY: ct, TUMOR_KEY: context.extras["tumor"], NODES_KEY: context.extras["nodes"]}
-        out = _unwrapped(self.preprocessing, data)
+        out = run_preprocessing(self.preprocessing, data)
         context.extras["preprocessed"] = out
         tensors = [torch.as_tensor(out[key]).float()[None].to(self.device) for key in CT_MODALITIES]
         if context.extras["slide"] is None:
@@ -482,7 +464,7 @@ class SmurfPredictor(PredictorTemplate):
             return None
         scores = region_scores(attribution)
         case = context.fields.get("case_id") or uuid.uuid4().hex
-        path = self.explanations_dir / _safe(f"{case}_slide_integrated_gradients.png")
+        path = self.explanations_dir / safe_file_name(f"{case}_slide_integrated_gradients.png")
         planning = {k: v for k, v in self.slide_grid.items() if k in PLANNING_KEYS}
         with open_slide(context.extras["slide"]) as slide:
             plan = plan_fragment_grids(slide, annotation=context.extras["annotation"], **planning)

@@ -26,7 +26,14 @@ from oncofusion.data.roi import roi_region
 from oncofusion.evaluation.predict import record_box, record_images
 from oncofusion.models.rectal_erus.model import ErusClipBooster
 from oncofusion.models.rectal_erus.shap_explain import waterfall_png
-from oncofusion.predictor import Context, PredictorTemplate, last_click, radius_option, text_option
+from oncofusion.predictor import (
+    Context,
+    PredictorTemplate,
+    last_click,
+    radius_option,
+    safe_file_name,
+    text_option,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +136,7 @@ class RectalErusPredictor(PredictorTemplate):
         if self.explanations_dir is not None:
             name = f"{context.fields.get('case_id') or uuid.uuid4().hex}_shap_waterfall.png"
             title = f"{self.class_names[self.positive_class]}: SHAP contributions (log-odds)"
-            answer["waterfall_png"] = str(waterfall_png(explanation, 0, self.explanations_dir / _safe(name), title=title))
+            answer["waterfall_png"] = str(waterfall_png(explanation, 0, self.explanations_dir / safe_file_name(name), title=title))
         return answer
 
     def draw(self, result: dict[str, Any], output: Any, model_inputs: Sequence[Any],
@@ -145,10 +152,6 @@ class RectalErusPredictor(PredictorTemplate):
             return text
         return f"{text} ({', '.join(f'{g} {100 * v:.0f} %' for g, v in shares.items())})"
 
-
-def _safe(name: str) -> str:
-    """A file name with only letters, digits, '-', '_' and '.' (case ids come from users)."""
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)[-120:]
 
 
 def predict_records(predictor: RectalErusPredictor, datalist: Sequence[dict], output_file: str | Path | None = None,

@@ -57,7 +57,14 @@ from oncofusion.models.thyroid_llnm.morphology import (
 )
 from oncofusion.models.thyroid_llnm.network import LLNMNet
 from oncofusion.models.thyroid_llnm.transforms import SPACING_KEY, uncalibrated
-from oncofusion.predictor import Context, PredictorTemplate, last_click, radius_option, text_option
+from oncofusion.predictor import (
+    Context,
+    PredictorTemplate,
+    last_click,
+    radius_option,
+    run_preprocessing,
+    text_option,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -304,7 +311,7 @@ class ThyroidLLNMPredictor(PredictorTemplate):
         data = {**context.fields, "image": frame, "roi_mask": context.extras["region"],
                 LOBE_INPUT: context.images.get(LOBE_INPUT),
                 SPACING_KEY: context.extras["spacing"]}
-        prepared = _unwrapped(self.preprocessing, data)
+        prepared = run_preprocessing(self.preprocessing, data)
         context.extras.update(crop=prepared["image"], morphology=prepared.get("nodule_morphology", {}),
                               crop_side_mm=float(prepared.get("crop_side_mm", float("nan"))),
                               scalar_values=np.asarray(prepared["scalars"], np.float64))
@@ -536,19 +543,6 @@ def _negated(words: Sequence[Mapping[str, Any]], index: int, reach: int = 4) -> 
             return f"{earlier['token']} {token}"
     return token
 
-
-def _unwrapped(transform: Callable[[dict], dict], data: dict) -> dict:
-    """``transform(data)``, re-raising an :class:`InvalidRequest` that MONAI's ``Compose`` wrapped in a
-    ``RuntimeError`` (the server answers the former with 4xx, the latter with 500)."""
-    try:
-        return transform(data)
-    except RuntimeError as error:
-        cause: BaseException | None = error
-        while cause is not None and not isinstance(cause, InvalidRequest):
-            cause = cause.__cause__
-        if cause is None:
-            raise
-        raise cause from None
 
 
 def _finite(value: float) -> float | None:
