@@ -30,8 +30,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 sample-data: $(DEMO_DIR)/.ready
 
-$(SAMPLE_DIR)/manifest.json: sample_data/generate_lung.py sample_data/common.py | setup
-	$(PY) -m sample_data.generate_lung --out $(SAMPLE_DIR) --num-cases $(SAMPLE_CASES) --seed 0
+# no patient of the set the lung demo weights were trained on: every number on this set is held-out
+$(SAMPLE_DIR)/manifest.json: sample_data/generate_lung.py sample_data/common.py sample_data/lung_training_patients.json | setup
+	$(PY) -m sample_data.generate_lung --out $(SAMPLE_DIR) --num-cases $(SAMPLE_CASES) --seed 0 --exclude-patients-of sample_data/lung_training_patients.json
 
 $(BONE_DIR)/manifest.json: sample_data/generate_bone.py sample_data/common.py | setup
 	$(PY) -m sample_data.generate_bone --out $(BONE_DIR) --num-cases $(BONE_CASES) --seed 0
@@ -47,6 +48,10 @@ $(OPSCC_DIR)/manifest.json: sample_data/generate_opscc.py sample_data/slides.py 
 
 # one MONAI Label datastore holding every bundle's sample studies (links, no copies)
 $(DEMO_DIR)/.ready: $(SAMPLE_DIR)/manifest.json $(BONE_DIR)/manifest.json
+# OPSCC: the CTs and sidecars are studies; beside them, where the sidecars' relative paths point (the bundle
+# reads slides and masks under the studies folder), the slides (*.tiff: not a listed pattern, so not studies),
+# their tumor outlines and the masks (label tags 'tumor' and 'node', not 'final': Next Sample still offers them)
+$(DEMO_DIR)/.ready: $(OPSCC_DIR)/manifest.json
 $(DEMO_DIR)/.ready: $(THYROID_DIR)/manifest.json $(RECTAL_DIR)/manifest.json
 	mkdir -p $(DEMO_DIR)/sidecars
 	for d in $(SAMPLE_DIR) $(BONE_DIR); do \
@@ -57,6 +62,13 @@ $(DEMO_DIR)/.ready: $(THYROID_DIR)/manifest.json $(RECTAL_DIR)/manifest.json
 		ln -sf "$$(realpath $$d/datastore)"/*.dcm $(DEMO_DIR)/; \
 		ln -sf "$$(realpath $$d/datastore/sidecars)"/*.json $(DEMO_DIR)/sidecars/; \
 	done
+	mkdir -p $(DEMO_DIR)/annotations $(DEMO_DIR)/labels/tumor $(DEMO_DIR)/labels/node
+	ln -sf "$$(realpath $(OPSCC_DIR)/datastore)"/*.nii.gz "$$(realpath $(OPSCC_DIR)/datastore)"/*_he.tiff $(DEMO_DIR)/
+	ln -sf "$$(realpath $(OPSCC_DIR)/datastore/sidecars)"/*.json $(DEMO_DIR)/sidecars/
+	ln -sf "$$(realpath $(OPSCC_DIR)/datastore/annotations)"/*.geojson $(DEMO_DIR)/annotations/
+	for tag in tumor node; do \
+		ln -sf "$$(realpath $(OPSCC_DIR)/datastore/labels/$$tag)"/*.nii.gz $(DEMO_DIR)/labels/$$tag/; \
+	done
 	$(PY) -m sample_data.real_ultrasound --out $(DEMO_DIR)
 	touch $@
 
@@ -64,8 +76,11 @@ $(DEMO_DIR)/.ready: $(THYROID_DIR)/manifest.json $(RECTAL_DIR)/manifest.json
 BONE_BUNDLE := bundles/bone_tumor_matrix
 demo-weights: bundles/lung_nodule_clip/models/fold0/model.pt $(BONE_BUNDLE)/models/fold0/model.pt
 
-bundles/lung_nodule_clip/models/fold0/model.pt: | $(SAMPLE_DIR)/manifest.json
-	$(PY) -m oncofusion.cli train --bundle bundles/lung_nodule_clip --datalist-file $(SAMPLE_DIR)/manifest.json --max-epochs 8
+# the lung weights see a larger set (800 cases; its patients are listed in sample_data/lung_training_patients.json);
+# on a GPU bench/gpu_lung_train.sh does the same five folds side by side
+bundles/lung_nodule_clip/models/fold0/model.pt: | setup
+	$(PY) -m sample_data.generate_lung --out sample_data/lung_train --num-cases 800 --seed 0
+	$(PY) -m oncofusion.cli train --bundle bundles/lung_nodule_clip --datalist-file sample_data/lung_train/manifest.json --max-epochs 20 --patience 10
 
 # every variant of the plan (SC-Net fusion and the image-only S-Net), 5 folds each
 $(BONE_BUNDLE)/models/fold0/model.pt: | $(BONE_DIR)/manifest.json

@@ -67,6 +67,7 @@ def train(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {
         "datalist_file": str(Path(args.datalist_file).resolve()) if args.datalist_file else None,
         "max_epochs": args.max_epochs,
+        "patience": args.patience,
         "ckpt_dir": str(Path(args.ckpt_dir).resolve()) if args.ckpt_dir else None,
         "output_dir": str(Path(args.output_dir).resolve()) if args.output_dir else None,
     }
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--variant", action="append", help="train only this variant (repeatable; default all)")
     t.add_argument("--fold", type=int, action="append", help="train only this fold (repeatable; default all)")
     t.add_argument("--max-epochs", type=int)
+    t.add_argument("--patience", type=int, help="epochs without a better validation score before stopping")
     t.add_argument("--ckpt-dir", help="where fold checkpoints go (default: the bundle's models/)")
     t.add_argument("--output-dir", help="where logs and run outputs go (default: the bundle's runs/)")
     t.set_defaults(func=train)

@@ -38,10 +38,14 @@ def card_aurocs(bundle: Path) -> dict[str, Decimal]:
 
 
 def makefile_generator(module: str, out: Path) -> list[str]:
-    """The Makefile's ``$(PY) -m <module> ...`` recipe with its variables expanded, writing to ``out``."""
+    """The Makefile's ``$(PY) -m <module> ...`` recipe of a served sample set, variables expanded, writing to ``out``."""
     text = (REPO / "Makefile").read_text()
     variables = dict(re.findall(r"^(\w+)\s*[:?]?=\s*(.*?)\s*$", text, re.M))
-    (recipe,) = [line for line in text.splitlines() if f"-m {module} " in line]
+    # the recipe that makes a set the demo datastore serves (not e.g. a larger training set of the same generator)
+    served = set(re.findall(r"^\$\(DEMO_DIR\)/\.ready:.*?$", text, re.M))
+    served_dirs = set(re.findall(r"\$\((\w+)\)/manifest\.json", " ".join(served)))
+    (recipe,) = [line for line in text.splitlines() if f"-m {module} " in line
+                 and any(f"--out $({name})" in line for name in served_dirs)]
     args = re.sub(r"\$\((\w+)\)", lambda m: variables[m.group(1)], recipe).split()
     args = args[args.index("-m"):]
     args[args.index("--out") + 1] = str(out)

@@ -109,6 +109,18 @@ def test_cli_train_names_a_bad_variant(tmp_path, capsys):
     assert "unknown variant(s) ['fused']" in capsys.readouterr().err
 
 
+def test_cli_train_passes_epochs_and_patience_to_every_step(tmp_path, monkeypatch):
+    import oncofusion.training
+
+    seen = []
+    monkeypatch.setattr(oncofusion.training, "run_plan",
+                        lambda bundle, overrides, variants, folds, progress: seen.append(dict(overrides)))
+    assert cli_main(["train", "--bundle", str(_bundle(tmp_path)), "--max-epochs", "20", "--patience", "10"]) == 0
+    assert seen[0]["max_epochs"] == 20 and seen[0]["patience"] == 10
+    command = step_command(Step("fit", "fusion", 0, ("configs/fit.json",)), seen[0], tmp_path)
+    assert command[command.index("--patience") + 1] == "10"
+
+
 def test_a_plan_is_complete_only_when_every_config_it_runs_exists(tmp_path):
     bundle = _bundle(tmp_path)
     plan = TrainingPlan.load(bundle)
