@@ -5,8 +5,10 @@ Targets on the 2-core CPU machine: first click (decode included) <= 1.0 s, warm 
 overhead <= 50 % of model time, nine-view extraction >= 10x the reference, server peak RSS <= 1.5 GB.
 The machine is shared, so every timing is also given as a ratio to a fixed numpy/torch workload
 (:func:`reference_s`) timed right before it: a ratio moves with the code, not with the machine's load.
-A second server on the same studies then times the first click of a later session, which finds the
-volume already decoded on disk. Per-request logging goes to the servers' log files, not the terminal.
+Each session starts as 3D Slicer's does: the client downloads the study, then clicks at once (no time to
+look at it), so the first click waits for whatever of the server's background decode is left. A second
+server on the same studies then times the first click of a later session, which finds the volume already
+decoded on disk. Per-request logging goes to the servers' log files, not the terminal.
 Results go to bench/results/latest.json.
 """
 
@@ -103,6 +105,17 @@ def _click(client: Any, image_id: str, click: list[int]) -> dict[str, Any]:
     return {"wall": time.perf_counter() - start, "reference": reference, **params["latencies"]}
 
 
+def _download(url: str, image_id: str) -> float:
+    """Fetch the study as 3D Slicer does before any click (``/datastore/image``); seconds taken."""
+    import urllib.request
+
+    start = time.perf_counter()
+    with urllib.request.urlopen(f"{url}/datastore/image?image={image_id}", timeout=600) as response:
+        while response.read(1 << 20):
+            pass
+    return time.perf_counter() - start
+
+
 def _wait_for_commit(studies: Path) -> bool:
     """Whether the server committed a decoded volume (its JSON record) under the studies."""
     from oncofusion.serving.infer_task import DECODED_DIR
@@ -122,6 +135,7 @@ def bench_server(studies: Path, image_id: str, click: list[int], work_dir: Path)
     with LocalServer(studies, work_dir / "session1", conf) as server:
         client = MONAILabelClient(server.url, tmpdir=str(work_dir))
         client.info()  # builds the model, as a client opening a session does
+        download = _download(server.url, image_id)
         first = _click(client, image_id, click)
         warm = [_click(client, image_id, click) for _ in range(WARM_CLICKS)]
         rss = server.peak_rss_bytes()
@@ -129,6 +143,7 @@ def bench_server(studies: Path, image_id: str, click: list[int], work_dir: Path)
     with LocalServer(studies, work_dir / "session2", conf) as server:
         client = MONAILabelClient(server.url, tmpdir=str(work_dir))
         client.info()
+        _download(server.url, image_id)
         later = _click(client, image_id, click)
         rss_later = server.peak_rss_bytes()
 
@@ -137,6 +152,7 @@ def bench_server(studies: Path, image_id: str, click: list[int], work_dir: Path)
 
     wall, model = median("wall"), median("predict")
     return {
+        "download_s": download,
         "first_click_s": first["wall"],
         "first_click_ratio": first["wall"] / first["reference"],
         "first_click_stages_s": {k: first[k] for k in ("load", "predict", "write", "total")},
@@ -197,7 +213,8 @@ def _met(key: str, value: float) -> str:
 def table(results: dict[str, Any]) -> str:
     r = results
     rows = [
-        ("first click (decode + predict)", f"{r['first_click_s']:.3f} s", f"{r['first_click_ratio']:.2f}",
+        ("download of the 512x512x300 study (as Slicer)", f"{r['download_s']:.3f} s", "", "", ""),
+        ("first click, right after the download", f"{r['first_click_s']:.3f} s", f"{r['first_click_ratio']:.2f}",
          "<= 1.0 s", _met("first_click_s", r["first_click_s"])),
         ("  its stages load / predict / write", "/".join(f"{r['first_click_stages_s'][k]:.2f}"
                                                          for k in ("load", "predict", "write")), "", "", ""),

@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from tests.conftest import BUNDLES, REPO, SCHEMA, run_bundle
 
-pytest_plugins = ["tests.conftest_bone", "tests.conftest_thyroid"]
+pytest_plugins = ["tests.conftest_bone", "tests.conftest_thyroid", "tests.conftest_opscc"]
 pytestmark = pytest.mark.slow
 
 
@@ -40,7 +40,8 @@ def test_metadata_verifies_against_the_bundle_schema(bundle: Path, tmp_path):
 # validation split a case for each of two ranks)
 TINY_DATA = {"lung_nodule_clip": ("tiny_lung_data", {"view_pixels": 32, "validation_fraction": 0.4}),
              "bone_tumor_matrix": ("tiny_bone_data", {"validation_fraction": 0.4}),
-             "thyroid_llnm": ("tiny_thyroid_data", {"validation_fraction": 0.4})}
+             "thyroid_llnm": ("tiny_thyroid_data", {"validation_fraction": 0.4}),
+             "opscc_smurf": ("tiny_opscc_data", {"validation_fraction": 0.4})}
 # bundles whose multi_gpu_train.json shards stage-1 feature extraction over the ranks instead of wrapping a torch
 # network in DDP (a booster has no gradient to all-reduce); each is tested in its own module
 EXTRACTION_MULTI_GPU = {"rectal_erus_clip": "tests/test_rectal_bundle.py::test_multi_gpu_extraction_gives_each_rank_its_folds"}
@@ -139,8 +140,9 @@ def test_multi_gpu_config_resolves_its_overrides(bundle: Path, request, monkeypa
     assert sampler.dataset is parser.get_parsed_content("train#dataset") and sampler.dataset.data == datalist_train
     weights = torch.as_tensor(sampler.weights, dtype=torch.double)
     torch.testing.assert_close(weights, parser.get_parsed_content("target").sample_weights(datalist_train))
-    labels = [int(r["label"]) for r in datalist_train]
-    per_class = {y: float(weights[[i for i, v in enumerate(labels) if v == y]].sum()) for y in set(labels)}
+    target = parser.get_parsed_content("target")
+    strata = [target.stratum(r) for r in datalist_train]  # the class, or the event indicator of a survival target
+    per_class = {y: float(weights[[i for i, v in enumerate(strata) if v == y]].sum()) for y in set(strata)}
     assert len(per_class) == 2 and per_class[0] == pytest.approx(per_class[1])  # classes drawn equally often
     validation_sampler = evaluator.data_loader.sampler
     assert isinstance(validation_sampler, DistributedSampler) and not validation_sampler.shuffle

@@ -24,7 +24,8 @@ from tests.conftest import BUNDLES, REPO, run_bundle
 pytestmark = pytest.mark.slow
 
 GENERATORS = {"lung_nodule_clip": "sample_data.generate_lung", "bone_tumor_matrix": "sample_data.generate_bone",
-              "thyroid_llnm": "sample_data.generate_thyroid", "rectal_erus_clip": "sample_data.generate_rectal"}
+              "thyroid_llnm": "sample_data.generate_thyroid", "rectal_erus_clip": "sample_data.generate_rectal",
+              "opscc_smurf": "sample_data.generate_opscc"}
 CARD_LINE = re.compile(r"<!-- sample-data-auroc: (\{.*?\}) -->")
 
 

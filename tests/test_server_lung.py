@@ -50,3 +50,27 @@ def test_click_returns_malignancy_semantics_and_a_label_on_the_image_grid(lung_s
     stored = json.loads((studies / "datastore_v2.json").read_text())
     predictions = stored["objects"][case["case_id"]]["image"]["info"]["oncofusion_predictions"]
     assert predictions[MODEL]["malignancy_probability"] == pytest.approx(result["malignancy_probability"])
+
+
+def test_a_downloaded_study_is_decoded_before_its_first_click(lung_server, tmp_path):
+    """Slicer downloads a study before the user can click on it: the server decodes it then, so the first
+    click finds it decoded (the cache records each decoded volume under the studies folder)."""
+    import time
+    import urllib.request
+
+    from oncofusion.serving.infer_task import DECODED_DIR
+
+    server, studies = lung_server
+    case = json.loads((studies.parent / "manifest.json").read_text())["cases"][-1]  # never clicked in this module
+    source = str((studies / f"{case['case_id']}.nii.gz").resolve())
+
+    def decoded() -> bool:
+        return any(source in path.read_text() for path in (studies / DECODED_DIR).glob("*.json"))
+
+    assert not decoded()
+    with urllib.request.urlopen(f"{server.url}/datastore/image?image={case['case_id']}", timeout=60) as response:
+        assert response.read(2) == b"\x1f\x8b"  # the study itself, gzip NIfTI
+    deadline = time.time() + 60
+    while not decoded() and time.time() < deadline:
+        time.sleep(0.2)
+    assert decoded()

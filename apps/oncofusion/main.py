@@ -64,6 +64,7 @@ from oncofusion.serving.discovery import discover_bundles  # noqa: E402
 from oncofusion.serving.hardening import harden, settings_from_conf  # noqa: E402
 from oncofusion.serving.identifiers import check_identifier  # noqa: E402
 from oncofusion.serving.infer_task import BundleInferTask  # noqa: E402
+from oncofusion.serving.prefetch import VolumePrefetcher  # noqa: E402
 from oncofusion.serving.summary_task import BundleSummaryTask  # noqa: E402
 from oncofusion.serving.train_task import PUBLISHED_LINK, BundleTrainTask  # noqa: E402
 from oncofusion.training import TrainingPlan  # noqa: E402
@@ -105,6 +106,7 @@ class OncoFusionApp(MONAILabelApp):
         self.sidecar_dir = Path(studies) / "sidecars" if local else None
         logger.info("serving bundles: %s", ", ".join(self.bundles) or "none")
         self._hardened = False
+        self.prefetcher: VolumePrefetcher | None = None
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -116,15 +118,20 @@ class OncoFusionApp(MONAILabelApp):
 
     def init_datastore(self) -> Datastore:
         """Stock's local datastore with crash-safe writes (a kill mid-save used to leave the datastore file
-        empty and the server unable to start); remote (DICOMweb, XNAT, DSA) studies stay stock."""
+        empty and the server unable to start); remote (DICOMweb, XNAT, DSA) studies stay stock. A study a
+        client asks for is decoded in the background (``prefetch``, default on), before its first click."""
         if self.studies.startswith(("http://", "https://")):
             return super().init_datastore()
-        return DurableLocalDatastore(
+        datastore = DurableLocalDatastore(
             self.studies,
             extensions=with_single_file_dicom(settings.MONAI_LABEL_DATASTORE_FILE_EXT),
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
         )
+        if self.conf.get("prefetch", "true").lower() in ("1", "true", "yes"):
+            self.prefetcher = VolumePrefetcher(self.image_cache)
+            datastore.on_image_requested = self.prefetcher.request
+        return datastore
 
     def _runs_dir(self) -> Path:
         return Path(self.conf["runs"]) if self.conf.get("runs") else Path(self.app_dir) / "model"

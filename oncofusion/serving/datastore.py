@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -140,6 +141,15 @@ class DurableLocalDatastore(LocalDatastore):
         handler = getattr(self, "_handler", None)
         if handler is not None:
             handler.on_moved = self._on_moved_event
+        #: called with a study's file whenever a client's request resolves it (next sample, download,
+        #: infer): the server starts decoding it there (:mod:`oncofusion.serving.prefetch`)
+        self.on_image_requested: Callable[[str], None] | None = None
+
+    def get_image_uri(self, image_id: str) -> str:
+        uri = super().get_image_uri(image_id)
+        if uri and self.on_image_requested is not None:
+            self.on_image_requested(uri)
+        return uri
 
     # -- the datastore file --------------------------------------------------------------------------
     def _update_datastore_file(self, lock: bool = True) -> None:

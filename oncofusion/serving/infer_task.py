@@ -144,9 +144,9 @@ class BundleInferTask(InferTask):
         self.version = str(self.metadata.get("version", ""))
         self.config_path = self.bundle_dir / "configs" / "inference.json"
         self.device = torch.device(device) if device else default_device()
+        self.sidecar_dir = Path(sidecar_dir) if sidecar_dir else None
         self.inputs, self.target_keys = self._read_contract() if self.config_path.is_file() else (InputSpec(), ())
         self.image_cache = image_cache
-        self.sidecar_dir = Path(sidecar_dir) if sidecar_dir else None
         self.datastore = datastore
         self.always_label = always_label
         self._spill_decoded_volumes()
@@ -209,6 +209,8 @@ class BundleInferTask(InferTask):
         parser.read_config(str(self.config_path))
         parser["bundle_root"] = str(self.bundle_dir)
         parser["device"] = self.device
+        # the local studies folder, for bundles that read files a study's sidecar names (slides, masks)
+        parser["studies_dir"] = None if self.sidecar_dir is None else str(Path(self.sidecar_dir).parent)
         if self.published is not None and self.published.exists():
             parser["ckpt_dir"] = str(self._checkpoints_dir())
         return parser

@@ -8,9 +8,11 @@ The hooks of :class:`~oncofusion.predictor.PredictorTemplate`:
   (1) a label mask sent with the request (value 1 primary tumor, 2 lymph nodes), (2) the ``region_label``
   image (the same two-valued label, e.g. the segmentation saved on the study: segment 1 the tumor,
   segment 2 the nodes), (3) the ``tumor_mask`` and ``node_mask`` images (any value > 0 inside; no node
-  mask = no nodes, N0). The slide is a path in the ``slide`` field (the study's sidecar, or the request),
-  checked to exist and to open with OpenSlide; its tumour outline is the ``slide_annotation`` GeoJSON, or
-  the slide's sibling ``<name>.geojson``.
+  mask = no nodes, N0). An image not sent is read from the path its name gives in the study's sidecar
+  (``"tumor_mask": "labels/tumor/<case>.nii.gz"``, under ``mask_dir``): the masks live beside the studies,
+  not among them. The slide is a path in the ``slide`` field (the study's sidecar, or the request, under
+  ``slide_dir``), checked to exist and to open with OpenSlide; its tumour outline is the ``slide_annotation``
+  GeoJSON, or the slide's sibling ``<name>.geojson``.
 - model inputs: the config's ``preprocessing`` (the inference sub-volume transforms, which must keep their
   inputs for the overlay) gives ``ct_tumor`` and ``ct_nodes``; the slide becomes its fragment grids of
   region embeddings (:func:`~oncofusion.data.slide_grids.slide_fragment_grids`, cached on disk).
@@ -49,6 +51,7 @@ from torch import nn
 from oncofusion.contract import ImageInput, InputSpec, InvalidRequest, Roi
 from oncofusion.data.slide_grids import plan_fragment_grids, slide_fragment_grids
 from oncofusion.ensemble import Ensemble
+from oncofusion.io.readers import read_volume
 from oncofusion.io.slides import open_slide
 from oncofusion.models.opscc_smurf.explain import (
     DEFAULT_STEPS,
@@ -69,8 +72,9 @@ logger = logging.getLogger(__name__)
 #: the request / sidecar fields naming the slide and its tumour outline (paths on the server)
 SLIDE_FIELD = "slide"
 ANNOTATION_FIELD = "slide_annotation"
-#: the optional image inputs holding the regions
+#: the optional image inputs holding the regions; a sidecar field of the same name gives the image's path
 REGION_LABEL_INPUT, TUMOR_INPUT, NODES_INPUT = "region_label", "tumor_mask", "node_mask"
+REGION_INPUTS = (REGION_LABEL_INPUT, TUMOR_INPUT, NODES_INPUT)
 #: values of the two-valued region label
 TUMOR_VALUE, NODES_VALUE = 1, 2
 FUSION, RADIOLOGY = "fusion", "radiology-only"
@@ -205,8 +209,11 @@ class SmurfPredictor(PredictorTemplate):
             ``min_tissue``, ``min_tumor_overlap``, ``thumbnail_size``, ``batch_size``, ``num_workers``).
         grid_cache_dir: where the slides' grids are cached (None: recomputed per request).
         risk_cutoffs: tertile cut-offs per variant (see :func:`load_risk_cutoffs`), or a JSON file of them.
-        slide_dir: the folder a relative ``slide`` path is read from; a slide outside it is refused. None:
-            paths are taken as given.
+        slide_dir: the folder a relative ``slide`` (and ``slide_annotation``) path is read from; a path that
+            leaves it (``..``, absolute) is refused. Links inside it are followed: the studies folder may link
+            to where the files are kept. None: paths are taken as given.
+        mask_dir: the same for the region images named by path in the study's sidecar (``region_label``,
+            ``tumor_mask``, ``node_mask`` fields), e.g. the studies folder.
         explain: compute integrated gradients (the overlay and the heatmap); off: the regions are drawn.
         integration_steps: integrated-gradients steps (small on CPU; completeness improves with more).
         top_fraction: share of the in-box voxels (1 mm grid) the overlay marks.
@@ -224,6 +231,7 @@ class SmurfPredictor(PredictorTemplate):
         risk_cutoffs: str | os.PathLike | Mapping | Sequence[float] | None = None,
         inputs: InputSpec | None = None,
         slide_dir: str | os.PathLike | None = None,
+        mask_dir: str | os.PathLike | None = None,
         explain: bool = True,
         integration_steps: int = DEFAULT_STEPS,
         top_fraction: float = DEFAULT_TOP_FRACTION,
@@ -250,6 +258,7 @@ class SmurfPredictor(PredictorTemplate):
         self.grid_cache_dir = grid_cache_dir
         self.risk_cutoffs = load_risk_cutoffs(risk_cutoffs)
         self.slide_dir = Path(slide_dir).resolve() if slide_dir else None
+        self.mask_dir = Path(mask_dir).resolve() if mask_dir else None
         self.explain = bool(explain)
         self.integration_steps = int(integration_steps)
         if not 0 < top_fraction <= 1:
@@ -276,6 +285,7 @@ class SmurfPredictor(PredictorTemplate):
         ct = images.get(primary)
         if ct is None:
             raise InvalidRequest(f"missing image input {primary}: send the CT", 400)
+        images = self.recorded_regions(images, fields)
         context = Context(images=images, roi=roi, fields=fields, fold=fold)
         tumor, nodes, source, warnings = self.region_masks(images, roi, ct)
         slide = self.slide_path(fields)
@@ -283,6 +293,17 @@ class SmurfPredictor(PredictorTemplate):
         context.extras.update(tumor=tumor, nodes=nodes, regions_from=source, slide=slide, annotation=annotation,
                               variant=FUSION if slide is not None else RADIOLOGY, warnings=warnings)
         return context
+
+    def recorded_regions(self, images: Mapping[str, Any], fields: Mapping[str, Any]) -> dict[str, Any]:
+        """``images`` plus each region image not sent that the study's sidecar names by path (a field named
+        after the input, relative to ``mask_dir``)."""
+        found = dict(images)
+        for name in REGION_INPUTS:
+            if found.get(name) is None:
+                path = self._path_field(fields, name, self.mask_dir, "mask folder")
+                if path is not None:
+                    found[name] = read_volume(path, what=name)
+        return found
 
     def region_masks(self, images: Mapping[str, Any], roi: Roi | None, ct: Any
                      ) -> tuple[Any, Any, str, list[str]]:
@@ -308,10 +329,13 @@ class SmurfPredictor(PredictorTemplate):
         if not given[f"{TUMOR_INPUT} image"]:
             raise InvalidRequest(
                 f"no tumor mask: save the regions on the CT as one label ({TUMOR_VALUE} primary tumor, {NODES_VALUE} "
-                f"lymph nodes) as '{REGION_LABEL_INPUT}', or give '{TUMOR_INPUT}' (and '{NODES_INPUT}') images", 400)
+                f"lymph nodes) as '{REGION_LABEL_INPUT}', or give '{TUMOR_INPUT}' (and '{NODES_INPUT}') images, or "
+                "name their files in the study's sidecar", 400)
         return images[TUMOR_INPUT], images.get(NODES_INPUT), f"{TUMOR_INPUT} + {NODES_INPUT} images", warnings
 
-    def _path_field(self, fields: Mapping[str, Any], name: str) -> Path | None:
+    def _path_field(self, fields: Mapping[str, Any], name: str, folder: Path | None,
+                    folder_name: str) -> Path | None:
+        """The field ``name`` as an existing path under ``folder`` (None: as given); None when blank."""
         value = fields.get(name)
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return None
@@ -320,10 +344,12 @@ class SmurfPredictor(PredictorTemplate):
         if not value.strip():
             return None
         path = Path(value.strip()).expanduser()
-        if self.slide_dir is not None:
-            path = (self.slide_dir / path).resolve()
-            if not path.is_relative_to(self.slide_dir):
-                raise InvalidRequest(f"{name} '{value}' lies outside the slide folder: give a path inside it")
+        if folder is not None:
+            # normalised, not resolved: links inside the folder are the operator's to place, and the
+            # path checked is the path opened
+            path = Path(os.path.normpath(folder / path))
+            if not path.is_relative_to(folder):
+                raise InvalidRequest(f"{name} '{value}' lies outside the {folder_name}: give a path inside it")
         if not path.is_file() and not path.is_dir():
             raise InvalidRequest(f"{name} '{value}' not found: check the path in the study's sidecar or the request",
                                  404)
@@ -331,7 +357,7 @@ class SmurfPredictor(PredictorTemplate):
 
     def slide_path(self, fields: Mapping[str, Any]) -> Path | None:
         """The ``slide`` field as a checked path (exists, opens with OpenSlide), None when there is none."""
-        path = self._path_field(fields, SLIDE_FIELD)
+        path = self._path_field(fields, SLIDE_FIELD, self.slide_dir, "slide folder")
         if path is None:
             return None
         try:
@@ -343,7 +369,7 @@ class SmurfPredictor(PredictorTemplate):
 
     def annotation_path(self, fields: Mapping[str, Any], slide: Path) -> Path | None:
         """The tumour outline: the ``slide_annotation`` field, else ``<slide>.geojson`` beside the slide."""
-        given = self._path_field(fields, ANNOTATION_FIELD)
+        given = self._path_field(fields, ANNOTATION_FIELD, self.slide_dir, "slide folder")
         if given is not None:
             return given
         sibling = slide.with_suffix(".geojson")
