@@ -295,6 +295,9 @@ class BundleInferTask(InferTask):
             request, frame = prompt_on_frame(request)
             if frame is not None:
                 frame_options[FRAME_OPTION] = frame
+        predictor = self.predictor
+        options = getattr(predictor, "config_options", {}) or {}
+        check_known_fields(request, self._known_fields(options), self.name)  # refused before any decoding
         # an upload or a session (no datastore id) is read for this request only, never cached
         image = self.image_cache.get(request["image"], primary.reader, cache=bool(image_id), **frame_options)
         sidecar = read_sidecar(self.sidecar_dir, image_id)
@@ -307,9 +310,6 @@ class BundleInferTask(InferTask):
             roi = parse_roi(request, tuple(image.shape[1:]),
                             lambda path: read_image(path, primary.reader, limits=self.image_cache.limits),
                             inputs.prompt)
-        predictor = self.predictor
-        options = getattr(predictor, "config_options", {}) or {}
-        check_known_fields(request, self._known_fields(options), self.name)
         fields = merge_fields(request, sidecar, options, self.target_keys)
         prediction: Prediction = predictor.predict(images, roi, fields)
         predicted = time.time()
