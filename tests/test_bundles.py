@@ -82,11 +82,17 @@ def _handler_names(parser: ConfigParser, ids: tuple[str, ...] = ("train#handlers
 
 @pytest.fixture()
 def one_process_group(tmp_path):
-    """A gloo process group of one rank (rank 0), as torchrun's first process has; destroyed afterwards."""
+    """A gloo process group of one rank (rank 0), as torchrun's first process has; destroyed afterwards, with
+    ignite's own record of it (ignite keeps the group it saw, and a later CheckpointSaver would ask it for a
+    rank)."""
+    import ignite.distributed as idist
+
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'process_group'}", rank=0, world_size=1)
     yield
     if dist.is_initialized():
         dist.destroy_process_group()
+    # ignite has no public way to forget a group it saw that is already destroyed (its finalize() destroys it)
+    idist.utils._set_model(idist.utils._SerialModel())
 
 
 def test_every_multi_gpu_config_is_checked_by_one_test():
