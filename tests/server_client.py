@@ -9,6 +9,8 @@ import nibabel as nib
 import numpy as np
 import requests
 
+from oncofusion.serving.infer_task import DECODED_DIR
+
 
 def infer(url: str, model: str, image: str, params: dict) -> requests.Response:
     """``POST /infer`` as Slicer sends it: the params as a JSON form field, the label back as multipart."""
@@ -27,3 +29,10 @@ def answer_of(response: requests.Response, tmp_path: Path) -> tuple[dict, np.nda
     label_file = tmp_path / "label.nii.gz"
     label_file.write_bytes(label_part.content)
     return result, np.asarray(nib.load(label_file).dataobj)
+
+
+def in_decoded_cache(path: Path) -> bool:
+    """Whether ``path`` lies in the server's decoded-volume cache, a copy being written included (hidden
+    staging folders inside it): derived data that any request for a study may warm, never stored data."""
+    parts, cache = Path(path).parts, DECODED_DIR.parts
+    return any(parts[i:i + len(cache)] == cache for i in range(len(parts) - len(cache) + 1))

@@ -19,9 +19,9 @@ import requests
 import torch
 from monai.bundle import ConfigParser
 
-from oncofusion.serving.infer_task import DECODED_DIR, PREDICTIONS_KEY
+from oncofusion.serving.infer_task import PREDICTIONS_KEY
 from oncofusion.serving.launcher import LocalServer
-from tests.server_client import answer_of, infer
+from tests.server_client import answer_of, in_decoded_cache, infer
 
 pytest_plugins = ["tests.conftest_opscc"]
 pytestmark = pytest.mark.server
@@ -170,7 +170,7 @@ def _snapshot(root: Path) -> dict[str, str]:
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != ".lock" and DECODED_DIR.parts != p.parent.parts[-len(DECODED_DIR.parts):]
+        if p.is_file() and p.name != ".lock" and not in_decoded_cache(p.relative_to(root))
     }
 
 

@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 import requests
 
-from oncofusion.serving.infer_task import DECODED_DIR
 from oncofusion.serving.launcher import REPO_ROOT, LocalServer
+from tests.server_client import in_decoded_cache
 from tests.serving_fakes import make_datastore, make_fake_bundle, volume_with_blob, write_nifti
 
 pytestmark = pytest.mark.server
@@ -194,12 +194,8 @@ def _snapshot(root: Path) -> dict[str, str]:
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
         if p.is_file() and p.name not in (".lock", "server.log") and "__pycache__" not in p.parts
-        and not _is_decoded_copy(p)
+        and not in_decoded_cache(p.relative_to(root))
     }
-
-
-def _is_decoded_copy(path: Path) -> bool:
-    return DECODED_DIR.parts == path.parent.parts[-len(DECODED_DIR.parts):]
 
 
 def _uploads_in_tmp() -> set[str]:
