@@ -39,16 +39,23 @@ class ImageInput:
 
     ``reader`` names the reader kind (:data:`READER_DIMS`): ``volume`` (NIfTI, NRRD, DICOM series),
     ``frame`` (2D ultrasound DICOM, PNG/JPEG) or ``slide`` (whole-slide image, opened lazily).
+    ``saved_label`` names a label tag of the served study (e.g. ``"final"``, what 3D Slicer's "Submit
+    Label" and OHIF save): when neither the request nor the study's sidecar names this input, the
+    study's label of that tag is read, so that what a user drew and saved is what the model reads.
     """
 
     name: str = "image"
     reader: str = "volume"
     required: bool = True
     description: str = ""
+    saved_label: str | None = None
 
     def __post_init__(self) -> None:
         if self.reader not in READER_DIMS:
             raise ValueError(f"image input '{self.name}': reader '{self.reader}' is not one of {sorted(READER_DIMS)}")
+        if self.saved_label is not None and (self.required or not str(self.saved_label).strip()):
+            raise ValueError(f"image input '{self.name}': a saved label ({self.saved_label!r}) is a non-empty tag "
+                             "of an optional input (a study may have none)")
 
     @property
     def spatial_dims(self) -> int:

@@ -34,6 +34,14 @@ def test_image_input_refuses_an_unknown_reader_naming_the_input():
     assert str(e.value) == "image input 'pet': reader 'dicom' is not one of ['frame', 'slide', 'volume']"
 
 
+def test_a_saved_label_input_is_an_optional_input_with_a_tag():
+    assert ImageInput("regions", required=False, saved_label="final").saved_label == "final"
+    with pytest.raises(ValueError, match="image input 'regions': a saved label"):
+        ImageInput("regions", saved_label="final")  # required: a study may have no saved label
+    with pytest.raises(ValueError, match="non-empty tag"):
+        ImageInput("regions", required=False, saved_label=" ")
+
+
 def test_input_spec_defaults_to_one_volume_with_every_prompt():
     spec = InputSpec()
     assert [i.name for i in spec.images] == ["image"]

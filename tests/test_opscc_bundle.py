@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser
+from monai.transforms import Compose
 
 from oncofusion.evaluation.survival import cox_hazard_ratios, risk_groups, survival_report
 from oncofusion.models.opscc_smurf.data import (
@@ -20,8 +21,11 @@ from oncofusion.models.opscc_smurf.data import (
     WARMUP_SCORE_FLOOR,
     FragmentCollate,
     GradeSurvivalLabeld,
+    RandGridCellDropoutd,
     WarmupSelectionScore,
+    grid_augmentation,
     record_keys,
+    record_transforms,
     risk_group,
     risk_group_cutoffs,
 )
@@ -144,6 +148,51 @@ def test_collate_pads_fragments_and_builds_the_mask():
         FragmentCollate()([{"wsi": torch.zeros(1, 3, 4, 4)}, {"wsi": torch.zeros(1, 3, 2, 2)}])
 
 
+def test_cell_dropout_empties_the_same_random_cells_of_every_fragment():
+    grid = torch.rand(3, 192, 16, 16) + 0.1
+    dropout = RandGridCellDropoutd(keys="wsi", cell_prob=0.5)
+    dropout.set_random_state(3)
+    out = dropout({"wsi": grid})["wsi"]
+    emptied = (out == 0).all(dim=1)  # (fragments, S, S)
+    assert 0.3 < emptied[0].float().mean() < 0.7
+    assert (emptied == emptied[0]).all()  # the same cells in every fragment
+    assert torch.equal(out[:, :, ~emptied[0]], grid[:, :, ~emptied[0]])  # the others untouched
+    assert not torch.equal(dropout({"wsi": grid})["wsi"], out)  # a new draw each call
+    dropout.set_random_state(3)
+    assert torch.equal(dropout({"wsi": grid})["wsi"], out)
+    with pytest.raises(ValueError, match="cell_prob"):
+        RandGridCellDropoutd(keys="wsi", cell_prob=1.0)
+    with pytest.raises(ValueError, match="n_fragments, D, S, S"):
+        dropout({"wsi": torch.rand(192, 16, 16)})
+
+
+def test_grid_augmentation_turns_and_flips_the_grid_plane_only():
+    grid = torch.rand(2, 192, 8, 8)
+    dihedral = [torch.rot90(g, k, (2, 3)) for g in (grid, grid.flip(3)) for k in range(4)]
+    seen = set()
+    for seed in range(12):
+        augmentation = Compose(grid_augmentation("wsi", cell_prob=0.0))
+        augmentation.set_random_state(seed)
+        out = torch.as_tensor(augmentation({"wsi": grid})["wsi"])
+        matches = [i for i, d in enumerate(dihedral) if torch.equal(out, d)]
+        assert len(matches) == 1
+        seen.add(matches[0])
+    assert len(seen) > 3  # several turns and flips, not one fixed transform
+
+
+def test_slide_augmentation_runs_after_the_cached_ct_steps():
+    def step(name):
+        return lambda d: d
+
+    label, slide, read, flip, augment = (step(n) for n in ("label", "slide", "read", "flip", "augment"))
+    steps = record_transforms(("ct_tumor", "ct_nodes", "wsi"), ct=[read, flip], slide=slide, label=label,
+                              slide_augmentation=[augment]).transforms
+    assert list(steps[:-1]) == [label, slide, read, flip, augment]
+    radiology = record_transforms(("ct_tumor", "ct_nodes"), ct=[read, flip], label=label,
+                                  slide_augmentation=[augment]).transforms
+    assert augment not in radiology
+
+
 def test_label_is_grade_time_event_with_nan_for_an_unknown_grade():
     label = GradeSurvivalLabeld(keys="grade", target=TARGET)
     out = label({"case_id": "a", "grade": 1, "dfs_months": 12.5, "dfs_event": 0})["label"]
@@ -218,8 +267,23 @@ def test_fixed_thresholds_and_group_hazard_ratios_match_lifelines():
 
 # -- end to end ----------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_extract_train_and_evaluate_through_monai_bundle_run(tiny_opscc_data, tmp_path):
+def check_saved_grid_statistics(checkpoint: Path, args: list[str], fold: int) -> None:
+    """The checkpoint holds the channel statistics of its fold's training grids (region cells only)."""
+    overrides = dict(zip((a.lstrip("-") for a in args[::2]), args[1::2], strict=True))
+    parser = parser_of("train.json", **{**overrides, "bundle_root": str(BUNDLE), "fold": fold,
+                                        "validation_fraction": 0.34})
+    slide_grid = parser.get_parsed_content("slide_grid")
+    cells = np.concatenate([slide_grid.grids(r["slide"], r.get("slide_annotation")).reshape(-1, 192)
+                            for r in parser.get_parsed_content("train#datalist")])
+    cells = cells[np.any(cells != 0, axis=1)]
+    state = torch.load(checkpoint, weights_only=True)
+    np.testing.assert_allclose(state["wsi_mean"].numpy(), cells.mean(axis=0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(state["wsi_std"].numpy(), cells.std(axis=0, ddof=1), rtol=1e-3)
+
+
+def test_extract_train_and_evaluate_through_monai_bundle_run(tiny_opscc_data, tmp_path, monkeypatch):
     """extract -> train both folds of the fusion model (2 epochs, warm-up 1) -> out-of-fold evaluation."""
+    monkeypatch.chdir(BUNDLE)  # for the train.json parsed here, as for the runs
     grids, models = tmp_path / "grids", tmp_path / "models"
     common = ["--bundle_root", ".", "--datalist_file", str(tiny_opscc_data), "--cache_dir", str(grids)]
     run_bundle("run", "--config_file", "configs/extract.json", *common, cwd=BUNDLE)
@@ -232,6 +296,7 @@ def test_extract_train_and_evaluate_through_monai_bundle_run(tiny_opscc_data, tm
                    str(tmp_path / "runs"), "--fold", str(fold), "--max_epochs", "2", "--warmup_epochs", "1",
                    "--batch_size", "2", "--validation_fraction", "0.34", "--torch_threads", "1", cwd=BUNDLE)
         assert (models / f"fold{fold}" / "model.pt").is_file()
+        check_saved_grid_statistics(models / f"fold{fold}" / "model.pt", common, fold)
     assert sorted(grids.glob("*.npy")) == cached  # training read the extracted grids, embedded nothing new
 
     out = tmp_path / "eval"

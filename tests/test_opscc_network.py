@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,9 +22,11 @@ from oncofusion.models.opscc_smurf.network import (
     SmurfNet,
     batch_keys,
     check_network_io,
+    grid_channel_statistics,
     kronecker_fusion,
     network_data_format,
 )
+from oncofusion.networks.trainable import load_trainable_state
 
 torch.set_num_threads(1)
 
@@ -308,3 +311,52 @@ def test_batch_keys_feed_monais_prepare_batch():
         with torch.no_grad():
             expected = net(**{m: data[m] for m in modalities}, wsi_mask=batch["wsi_mask"])
             assert torch.equal(net(image, *args, **kwargs), expected), variant
+
+
+def test_grid_statistics_are_those_of_the_region_cells_only():
+    generator = torch.Generator().manual_seed(1)
+    grids = [torch.randn(2, 192, GRID, GRID, generator=generator) * 0.1 + 3.0,
+             torch.randn(1, 192, GRID, GRID, generator=generator) * 0.2 - 1.0]
+    grids[0][:, :, :2] = 0.0  # empty cells (centre padding) carry no statistics
+    cells = np.concatenate([g.movedim(1, -1).reshape(-1, 192).numpy() for g in grids])
+    cells = cells[np.any(cells != 0, axis=1)]
+    mean, std = grid_channel_statistics(grids)
+    np.testing.assert_allclose(mean.numpy(), cells.mean(axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(std.numpy(), cells.std(axis=0, ddof=1), rtol=1e-4)
+    with pytest.raises(ValueError, match="at least 2"):
+        grid_channel_statistics([torch.zeros(1, 192, GRID, GRID)])
+    with pytest.raises(ValueError, match="n_fragments, D, S, S"):
+        grid_channel_statistics([torch.ones(192, GRID, GRID)])
+
+
+def test_slide_grids_are_standardised_with_the_saved_statistics():
+    generator = torch.Generator().manual_seed(2)
+    mean, std = torch.randn(192, generator=generator), torch.rand(192, generator=generator) + 0.5
+    wsi = inputs(fragments=2)["wsi"] * std[:, None, None] + mean[:, None, None]
+    wsi[..., :3, :] = 0.0  # empty cells stay empty
+    fitted = build(modalities=("wsi",)).eval()
+    fitted.set_wsi_statistics(mean, std)
+    identity = build(modalities=("wsi",)).eval()  # same weights, statistics not set
+    standardised = (wsi - mean[:, None, None]) / std[:, None, None]
+    standardised[..., :3, :] = 0.0
+    with torch.no_grad():
+        assert torch.allclose(fitted(wsi), identity(standardised), atol=1e-5)
+        assert not torch.allclose(fitted(wsi), identity(wsi), atol=1e-3)
+    state = fitted.state_dict()
+    assert torch.equal(state["wsi_mean"], mean) and torch.equal(state["wsi_std"], std)  # saved with the weights
+    served = build(modalities=("wsi",)).eval()
+    load_trainable_state(served, state)
+    with torch.no_grad():
+        assert torch.allclose(served(wsi), fitted(wsi), atol=1e-6)
+    with pytest.raises(RuntimeError, match="wsi_mean"):  # weights without their statistics are refused
+        load_trainable_state(served, {k: v for k, v in state.items() if not k.startswith("wsi_")})
+
+
+def test_wsi_statistics_that_do_not_fit_are_refused():
+    net = build(modalities=("wsi",))
+    with pytest.raises(ValueError, match=r"expected \(192,\)"):
+        net.set_wsi_statistics(torch.zeros(10), torch.ones(10))
+    with pytest.raises(ValueError, match="> 0"):
+        net.set_wsi_statistics(torch.zeros(192), torch.zeros(192))
+    with pytest.raises(ValueError, match="no slide grid"):
+        build(modalities=("ct_tumor", "ct_nodes")).set_wsi_statistics(torch.zeros(192), torch.ones(192))

@@ -178,6 +178,22 @@ def test_a_two_valued_label_gives_the_same_answer_as_two_masks(files, predictor)
     assert not tumor_only["regions"]["nodes_present"] and any("N0" in w for w in tumor_only["warnings"])
 
 
+def test_the_studys_saved_label_is_read_when_nothing_else_names_the_regions(files):
+    predictor = build(files, explain=False)
+    label = volume(box_mask(TUMOR, 1) + box_mask(NODES, 2))
+    two_masks = predictor.predict(images(), None, {}).result
+    saved = predictor.predict({"image": ct(), "saved_label": label}, None, {}).result
+    assert saved["regions"]["from"] == "saved 'final' label" and saved["regions"]["nodes_present"]
+    assert saved["risk_score"] == pytest.approx(two_masks["risk_score"], abs=1e-5)
+    # a region input of the request or the sidecar comes first; the saved label is the last resort
+    only_tumor = volume(box_mask(TUMOR))
+    masks_first = predictor.predict({"image": ct(), "tumor_mask": only_tumor, "saved_label": label}, None, {}).result
+    assert masks_first["regions"]["from"] == "tumor_mask + node_mask images"
+    assert not masks_first["regions"]["nodes_present"]
+    wrong = volume(box_mask(TUMOR, 1) + box_mask(NODES, 4))
+    assert "saved 'final' label" in refused(predictor, {"image": ct(), "saved_label": wrong})
+
+
 def test_without_explanations_the_regions_are_drawn(files, predictor):
     quiet = build(files, explain=False)
     prediction = quiet.predict(images(), None, {})

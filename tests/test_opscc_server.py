@@ -35,6 +35,8 @@ RADIOLOGY_CUTOFFS = [1000.0, 2000.0]  # ... and 'low' for the radiology-only mod
 # the studies: one as generated (with nodes), then one per way its record can be wrong
 WITH_SLIDE, NO_SLIDE, BAD_SLIDE, ABSENT_SLIDE, EMPTY_TUMOR, OTHER_GRID = (
     "opscc_0001", "opscc_0000", "opscc_0002", "opscc_0003", "opscc_0004", "opscc_0005")
+#: a study whose sidecar names no masks: its regions are what a user saves on it (Slicer's Submit Label)
+SAVED_ONLY = "opscc_0006"
 GARBAGE_SLIDE = "garbage_he.tiff"
 
 
@@ -68,6 +70,10 @@ def _studies(root: Path, source: Path) -> Path:
                      sidecar["node_mask"]):
             _link(source / path, studies / path)
         (studies / "sidecars" / f"{case}.json").write_text(json.dumps(_as_recorded(case, sidecar, studies)))
+    sidecar = json.loads((source / "sidecars" / f"{SAVED_ONLY}.json").read_text())
+    _link(source / f"{SAVED_ONLY}.nii.gz", studies / f"{SAVED_ONLY}.nii.gz")
+    recorded = {k: v for k, v in sidecar.items() if k not in ("tumor_mask", "node_mask", "slide", "slide_annotation")}
+    (studies / "sidecars" / f"{SAVED_ONLY}.json").write_text(json.dumps(recorded))
     (studies / GARBAGE_SLIDE).write_bytes(b"II*\x00" + b"not a slide" * 64)
     return studies
 
@@ -102,7 +108,7 @@ def server(tmp_path_factory, tiny_opscc_data):
     conf = {"bundles": str(bundle.parent), "models": MODEL, "runs": str(root / "runs"), "device": "cpu"}
     groups = json.loads((bundle / "configs" / "inference.json").read_text())["risk_group_names"]
     with LocalServer(studies, root, conf, start_timeout_s=START_TIMEOUT_S) as live:
-        yield SimpleNamespace(url=live.url, studies=studies, groups=groups)
+        yield SimpleNamespace(url=live.url, studies=studies, groups=groups, source=tiny_opscc_data.parent / "datastore")
 
 
 def _stored(studies: Path, case: str) -> dict:
@@ -137,9 +143,24 @@ def test_a_study_without_a_slide_is_answered_by_the_radiology_only_model_which_s
     assert set(result["explanation"]["contributions"]) == {"ct_tumor", "ct_nodes"}
 
 
+def test_regions_drawn_in_slicer_and_saved_on_the_study_are_what_the_model_reads(server, tmp_path):
+    refused = infer(server.url, MODEL, SAVED_ONLY, {})
+    assert refused.status_code == 400 and "save them on the study (Submit Label)" in refused.json()["detail"]
+    drawn = server.source / "labels" / "final" / f"{SAVED_ONLY}.nii.gz"  # 1 tumor, 2 nodes, as Slicer saves
+    with drawn.open("rb") as f:
+        saved = requests.put(f"{server.url}/datastore/label", params={"image": SAVED_ONLY, "tag": "final"},
+                             files={"label": (drawn.name, f)}, timeout=60)
+    assert saved.status_code == 200, saved.text
+    result, label = answer_of(infer(server.url, MODEL, SAVED_ONLY, {}), tmp_path)
+    assert result["regions"]["from"] == "saved 'final' label"
+    assert result["regions"]["nodes_present"] == bool((np.asarray(nib.load(drawn).dataobj) == 2).any())
+    assert result["variant"] == "radiology-only" and label.any()
+
+
 def test_stock_slicer_sees_the_risk_group_as_the_segment_name_of_the_summary_model(server, tmp_path):
     models = requests.get(f"{server.url}/info/", timeout=60).json()["models"]
     assert models[MODEL]["type"] == "deepgrow" and models[f"{MODEL}_summary"]["type"] == "segmentation"
+    assert "attribution" in models[MODEL]["labels"]  # the segment Slicer prepares holds the attribution overlay
     result, label = answer_of(infer(server.url, f"{MODEL}_summary", WITH_SLIDE, {}), tmp_path)
     (segment,) = [name for name, value in result["label_names"].items() if value == 1]  # what Slicer imports
     assert segment == result["summary"] and segment.startswith("DFS risk intermediate (")

@@ -301,7 +301,7 @@ class BundleInferTask(InferTask):
         # an upload or a session (no datastore id) is read for this request only, never cached
         image = self.image_cache.get(request["image"], primary.reader, cache=bool(image_id), **frame_options)
         sidecar = read_sidecar(self.sidecar_dir, image_id)
-        images = {primary.name: image, **self._other_images(request, sidecar)}
+        images = {primary.name: image, **self._other_images(request, sidecar, image_id)}
         loaded = time.time()
 
         roi = None
@@ -426,8 +426,10 @@ class BundleInferTask(InferTask):
         frame = (FRAME_OPTION,) if self.inputs.dimension == 2 else ()
         return {*options, *self.inputs.texts, *declared, *frame}
 
-    def _other_images(self, request: dict[str, Any], sidecar: dict[str, Any]) -> dict[str, Any]:
-        """The non-primary image inputs: datastore ids from the request's ``images``, else the sidecar's."""
+    def _other_images(self, request: dict[str, Any], sidecar: dict[str, Any], image_id: str | None
+                      ) -> dict[str, Any]:
+        """The non-primary image inputs: datastore ids from the request's ``images``, else the sidecar's,
+        else (an input with a ``saved_label`` tag) the study's saved label of that tag."""
         requested = decode_param(request.get("images"), "images") or {}
         recorded = sidecar.get("images") or {}
         if not isinstance(requested, dict) or not isinstance(recorded, dict):
@@ -439,8 +441,19 @@ class BundleInferTask(InferTask):
         images: dict[str, Any] = {}
         for spec in self.inputs.images[1:]:
             ref = requested.get(spec.name) or recorded.get(spec.name)
-            images[spec.name] = None if not ref else self.image_cache.get(self._resolve(str(ref), spec.name), spec.reader)
+            if ref:
+                images[spec.name] = self.image_cache.get(self._resolve(str(ref), spec.name), spec.reader)
+            else:
+                saved = self._saved_label(image_id, spec.saved_label)
+                images[spec.name] = None if saved is None else self.image_cache.get(saved, spec.reader)
         return images
+
+    def _saved_label(self, image_id: str | None, tag: str | None) -> str | None:
+        """The file of the study's label of ``tag``, None without one (or without a datastore)."""
+        if not tag or not image_id or self.datastore is None:
+            return None
+        label_id = (self.datastore.get_labels_by_image_id(image_id) or {}).get(tag)
+        return (self.datastore.get_label_uri(label_id, tag) or None) if label_id else None
 
     def _resolve(self, ref: str, input_name: str) -> str:
         """A datastore id -> its file; without a datastore (the command line) the reference is a path."""

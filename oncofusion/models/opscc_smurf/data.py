@@ -10,8 +10,13 @@ with its tumor outline, the grade and the disease-free survival. The bundle's co
   ``ct_nodes`` ``(4, X, Y, Z)`` in [0, 1];
 - :class:`GradeSurvivalLabeld`: ``label`` ``(3,)`` = [grade, time, event], the layout
   :class:`~oncofusion.losses.multitask.MultitaskGradeSurvivalLoss` reads;
+- :func:`grid_augmentation`: in training, each patient's grids turned by a random multiple of 90
+  degrees, flipped, and a random share of their cells emptied (the signal of a slide is in what its
+  regions show, not where they lie; 60-odd training patients memorise positions otherwise);
 - :func:`record_transforms`: the above for the modalities a variant reads, as one flat ``Compose`` (so a
   ``CacheDataset`` caches everything up to the first random step);
+- :func:`fit_wsi_statistics`: the training grids' channel statistics into the network, which
+  standardises every grid with them (and saves them with its weights);
 - :class:`FragmentCollate`: patients have different numbers of tissue fragments, so a batch pads ``wsi``
   to the batch's largest ``n`` with zero grids and says which are real in ``wsi_mask`` ``(B, n)``.
 
@@ -34,7 +39,14 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import list_data_collate
-from monai.transforms import Compose, MapTransform, SelectItemsd
+from monai.transforms import (
+    Compose,
+    MapTransform,
+    RandFlipd,
+    RandomizableTransform,
+    RandRotate90d,
+    SelectItemsd,
+)
 from torch import nn
 
 from oncofusion.data.slide_grids import DEFAULT_GRID_SIZE, slide_fragment_grids
@@ -45,6 +57,7 @@ from oncofusion.models.opscc_smurf.network import (
     LOG_HAZARD,
     MODALITIES,
     SmurfNet,
+    grid_channel_statistics,
 )
 from oncofusion.networks.region_encoders import weights_digest
 from oncofusion.targets import SurvivalTarget
@@ -166,6 +179,50 @@ def extract_slide_grids(datalist: Sequence[Mapping[str, Any]], slide_transform: 
     return summary
 
 
+def fit_wsi_statistics(network: SmurfNet, datalist: Sequence[Mapping[str, Any]], slide_transform: SlideGridd
+                       ) -> SmurfNet:
+    """Set ``network``'s slide-grid standardisation to the channel statistics of ``datalist``'s grids (the
+    training split: the validation and test patients stay unseen). A network without a slide branch is
+    returned unchanged."""
+    if "wsi" not in network.modalities:
+        return network
+    grids = (slide_transform(record)[slide_transform.output_key] for record in datalist)
+    mean, std = grid_channel_statistics(grids)
+    network.set_wsi_statistics(mean, std)
+    logger.info("slide grids standardised with the statistics of %d training slides", len(datalist))
+    return network
+
+
+class RandGridCellDropoutd(RandomizableTransform, MapTransform):
+    """Empty each cell of the grids under ``keys`` ``(n, D, S, S)`` with probability ``cell_prob`` (the same
+    cells in every fragment), as a slide with fewer regions would look. Runs on every call (``prob`` 1)."""
+
+    def __init__(self, keys: KeysCollection, cell_prob: float = 0.25, allow_missing_keys: bool = False):
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob=1.0)
+        if not 0.0 <= cell_prob < 1.0:
+            raise ValueError(f"cell_prob must be in [0, 1), got {cell_prob}")
+        self.cell_prob = float(cell_prob)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            grid = torch.as_tensor(d[key])
+            if grid.ndim != 4:
+                raise ValueError(f"'{key}' of shape {tuple(grid.shape)}; expected (n_fragments, D, S, S)")
+            keep = self.R.random_sample(tuple(grid.shape[-2:])) >= self.cell_prob
+            d[key] = grid * torch.as_tensor(keep, dtype=grid.dtype, device=grid.device)
+        return d
+
+
+def grid_augmentation(keys: KeysCollection = "wsi", cell_prob: float = 0.25) -> list[Callable]:
+    """The training augmentation of slide grids ``(n, D, S, S)``: a random multiple of 90 degrees in the
+    grid plane, a flip, and :class:`RandGridCellDropoutd`."""
+    return [RandRotate90d(keys=keys, prob=1.0, max_k=3, spatial_axes=(1, 2)),
+            RandFlipd(keys=keys, prob=0.5, spatial_axis=2),
+            RandGridCellDropoutd(keys=keys, cell_prob=cell_prob)]
+
+
 # -- the label -----------------------------------------------------------------------------------------
 class GradeSurvivalLabeld(MapTransform):
     """The record's grade (under ``keys``) and the target's time and event -> ``output_key``: float32
@@ -199,10 +256,12 @@ class GradeSurvivalLabeld(MapTransform):
 # -- composing -----------------------------------------------------------------------------------------
 def record_transforms(modalities: Sequence[str], ct: Compose | Sequence[Callable] | None = None,
                       slide: Callable | None = None, label: Callable | None = None,
-                      keep: Sequence[str] = ()) -> Compose:
+                      keep: Sequence[str] = (), slide_augmentation: Sequence[Callable] = ()) -> Compose:
     """One flat ``Compose`` from a record to the items a variant's network reads: ``label`` first, then
     ``slide`` (when ``wsi`` is read), then ``ct`` (when a CT region is read; e.g.
-    ``subvolume_transforms(..., read=True)``), then only the modalities, ``label`` and ``keep`` are kept.
+    ``subvolume_transforms(..., read=True)``), then ``slide_augmentation`` (when ``wsi`` is read; after
+    the CT, whose reading is what the cache saves), then only the modalities, ``label`` and ``keep`` are
+    kept.
 
     Nested ``Compose`` objects are flattened: a ``CacheDataset`` stops caching at the first random
     transform, and a nested ``Compose`` counts as one.
@@ -219,6 +278,8 @@ def record_transforms(modalities: Sequence[str], ct: Compose | Sequence[Callable
         if ct is None:
             raise ValueError("the variant reads the CT: pass the CT transforms (subvolume_transforms)")
         steps += list(ct.transforms if isinstance(ct, Compose) else ct)
+    if "wsi" in modalities:
+        steps += list(slide_augmentation)
     selected = [*modalities, *(["label"] if label is not None else []), *keep]
     steps.append(SelectItemsd(keys=selected))
     return Compose(steps).flatten()

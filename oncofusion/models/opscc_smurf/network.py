@@ -30,6 +30,11 @@ channels), LayerNorm over the 48 channels, global average pool, 1x1(x1) convolut
   normalised and averaged over its grid, the fragments are averaged (padding excluded), then projected
   to 24. (The authors reshape ``(B * n, 48, h, w)`` straight to ``(B, 48, n, h, w)``, which mixes
   channels of different fragments, and average padded fragments in; neither is copied.)
+  Before the encoder, every grid cell that holds a region is standardised per channel with the
+  training set's mean and standard deviation (buffers ``wsi_mean``, ``wsi_std``, set by
+  :meth:`SmurfNet.set_wsi_statistics` before training and saved with the weights; identity until
+  set); empty cells stay zero. Region embeddings of a fixed encoder differ between patients by a few
+  per cent of their channel means, which the patch embedding would otherwise drown in the offsets.
 
 **Fusion** (``fusion``), on the tokens in the order ``ct_tumor, ct_nodes, wsi``:
 
@@ -60,9 +65,10 @@ rest.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from monai.networks.blocks import PatchEmbed
 from monai.networks.layers import Conv, Pool
@@ -315,6 +321,9 @@ class SmurfNet(nn.Module):
                     self.encoders[key] = SwinEncoder(name=key, **ct)
                 self.encoder_keys[modality] = key
         self.num_tokens = max(len(self.modalities), 2)
+        if "wsi" in self.modalities:
+            self.register_buffer("wsi_mean", torch.zeros(wsi_in_channels))
+            self.register_buffer("wsi_std", torch.ones(wsi_in_channels))
         self.attention = (nn.MultiheadAttention(feature_size, fusion_heads, batch_first=True)
                           if fusion in ("attention", "kronecker") else None)
         self.fused_features = fusion_features(fusion, self.num_tokens, feature_size)
@@ -364,6 +373,26 @@ class SmurfNet(nn.Module):
             raise ValueError(f"the inputs disagree on the batch size: {sizes}")
         return given
 
+    def set_wsi_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Standardise slide grids with these per-channel statistics of the training set's region cells
+        (:func:`grid_channel_statistics`); they are saved with the weights, so serving uses them too."""
+        if "wsi" not in self.modalities:
+            raise ValueError(f"this network reads {list(self.modalities)}, no slide grid to standardise")
+        mean, std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
+        width = self.wsi_mean.numel()
+        if mean.shape != (width,) or std.shape != (width,):
+            raise ValueError(f"wsi statistics of shapes {tuple(mean.shape)}, {tuple(std.shape)}; expected ({width},) each")
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
+            raise ValueError("wsi statistics must be finite with every standard deviation > 0")
+        self.wsi_mean.copy_(mean)
+        self.wsi_std.copy_(std)
+
+    def standardize_wsi(self, fragments: torch.Tensor) -> torch.Tensor:
+        """``(..., D, S, S)``: cells holding a region -> ``(x - wsi_mean) / wsi_std``; empty cells stay 0."""
+        shape = (-1, 1, 1)
+        filled = (fragments != 0).any(dim=-3, keepdim=True).to(fragments.dtype)
+        return (fragments - self.wsi_mean.view(shape)) / self.wsi_std.view(shape) * filled
+
     def encode_wsi(self, wsi: torch.Tensor, wsi_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, 192, S, S)`` or ``(B, n, 192, S, S)`` [+ mask ``(B, n)``] -> token ``(B, feature_size)``."""
         encoder = self.encoder("wsi")
@@ -386,7 +415,7 @@ class SmurfNet(nn.Module):
             empty = torch.nonzero(counts <= 0).flatten().tolist()
             raise ValueError(f"wsi_mask marks no fragment as real for batch item(s) {empty}; every patient needs "
                              f"at least one tissue fragment")
-        pooled = encoder.pooled(fragments.flatten(0, 1), "wsi").unflatten(0, (b, n))
+        pooled = encoder.pooled(self.standardize_wsi(fragments.flatten(0, 1)), "wsi").unflatten(0, (b, n))
         pooled = (pooled * mask[..., None]).sum(dim=1) / counts[:, None]
         return encoder.project(pooled)
 
@@ -420,6 +449,28 @@ class SmurfNet(nn.Module):
         """``forward(ct_tumor, ct_nodes, wsi, wsi_mask=None)`` for the fusion model (inputs of the variant's
         ``modalities`` in order, or by name) -> ``(B, 2)``: column 0 grade logit, column 1 log-hazard."""
         return self.predict(self.fuse(self.encode(*inputs, wsi_mask=wsi_mask, **named)))
+
+
+def grid_channel_statistics(grids: Iterable[torch.Tensor | np.ndarray], min_std: float = 1e-6
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and standard deviation over the region cells of slide grids ``(n, D, S, S)``
+    (empty, all-zero cells left out), for :meth:`SmurfNet.set_wsi_statistics`."""
+    total = total_sq = None
+    count = 0
+    for grid in grids:
+        grid = torch.as_tensor(grid, dtype=torch.float64)
+        if grid.ndim != 4:
+            raise ValueError(f"a slide grid of shape {tuple(grid.shape)}; expected (n_fragments, D, S, S)")
+        cells = grid.movedim(1, -1).reshape(-1, grid.shape[1])
+        cells = cells[(cells != 0).any(dim=1)]
+        total = cells.sum(0) if total is None else total + cells.sum(0)
+        total_sq = (cells ** 2).sum(0) if total_sq is None else total_sq + (cells ** 2).sum(0)
+        count += cells.shape[0]
+    if count < 2:
+        raise ValueError(f"{count} region cell(s) in the slide grids; the statistics need at least 2")
+    mean = total / count
+    std = ((total_sq / count - mean ** 2).clamp_min(0) * count / (count - 1)).sqrt().clamp_min(min_std)
+    return mean.float(), std.float()
 
 
 def batch_keys(modalities: Sequence[str] = MODALITIES, wsi_mask_key: str | None = "wsi_mask",

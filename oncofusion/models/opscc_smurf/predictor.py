@@ -8,7 +8,8 @@ The hooks of :class:`~oncofusion.predictor.PredictorTemplate`:
   (1) a label mask sent with the request (value 1 primary tumor, 2 lymph nodes), (2) the ``region_label``
   image (the same two-valued label, e.g. the segmentation saved on the study: segment 1 the tumor,
   segment 2 the nodes), (3) the ``tumor_mask`` and ``node_mask`` images (any value > 0 inside; no node
-  mask = no nodes, N0). An image not sent is read from the path its name gives in the study's sidecar
+  mask = no nodes, N0), (4) the label saved on the study (tag ``final``: the two segments a user drew in
+  3D Slicer and saved with "Submit Label", in the same two values). An image not sent is read from the path its name gives in the study's sidecar
   (``"tumor_mask": "labels/tumor/<case>.nii.gz"``, under ``mask_dir``): the masks live beside the studies,
   not among them. The slide is a path in the ``slide`` field (the study's sidecar, or the request, under
   ``slide_dir``), checked to exist and to open with OpenSlide; its tumour outline is the ``slide_annotation``
@@ -74,6 +75,8 @@ SLIDE_FIELD = "slide"
 ANNOTATION_FIELD = "slide_annotation"
 #: the optional image inputs holding the regions; a sidecar field of the same name gives the image's path
 REGION_LABEL_INPUT, TUMOR_INPUT, NODES_INPUT = "region_label", "tumor_mask", "node_mask"
+#: the study's saved label (the datastore tag MONAI Label's clients save under), read when nothing else is
+SAVED_LABEL_INPUT, SAVED_LABEL_TAG = "saved_label", "final"
 REGION_INPUTS = (REGION_LABEL_INPUT, TUMOR_INPUT, NODES_INPUT)
 #: values of the two-valued region label
 TUMOR_VALUE, NODES_VALUE = 1, 2
@@ -100,6 +103,9 @@ def default_inputs() -> InputSpec:
                        description="primary tumor mask on the CT grid (any value > 0)"),
             ImageInput(NODES_INPUT, reader="volume", required=False,
                        description="metastatic lymph-node mask on the CT grid (any value > 0); none: N0"),
+            ImageInput(SAVED_LABEL_INPUT, reader="volume", required=False, saved_label=SAVED_LABEL_TAG,
+                       description="the study's saved label (1 primary tumor, 2 metastatic lymph nodes), "
+                                   "read when no other region input is given"),
         ),
         prompt=(),
         texts=(SLIDE_FIELD, ANNOTATION_FIELD),
@@ -308,16 +314,22 @@ class SmurfPredictor(PredictorTemplate):
     def region_masks(self, images: Mapping[str, Any], roi: Roi | None, ct: Any
                      ) -> tuple[Any, Any, str, list[str]]:
         """(tumor mask, node mask or None, where they came from, warnings): the request's label, else the
-        ``region_label`` image, else the ``tumor_mask`` and ``node_mask`` images."""
+        ``region_label`` image, else the ``tumor_mask`` and ``node_mask`` images, else the study's saved
+        label."""
         given = {"request label": roi is not None and roi.mask is not None,
                  f"{REGION_LABEL_INPUT} image": images.get(REGION_LABEL_INPUT) is not None,
                  f"{TUMOR_INPUT} image": images.get(TUMOR_INPUT) is not None,
                  f"{NODES_INPUT} image": images.get(NODES_INPUT) is not None}
+        saved = f"saved '{SAVED_LABEL_TAG}' label"
+        labels = {"request label": None, f"{REGION_LABEL_INPUT} image": images.get(REGION_LABEL_INPUT),
+                  saved: images.get(SAVED_LABEL_INPUT)}
         warnings: list[str] = []
-        if given["request label"] or given[f"{REGION_LABEL_INPUT} image"]:
-            source = "request label" if given["request label"] else f"{REGION_LABEL_INPUT} image"
+        source = next((name for name in ("request label", f"{REGION_LABEL_INPUT} image") if given[name]), None)
+        if source is None and not given[f"{TUMOR_INPUT} image"] and labels[saved] is not None:
+            source = saved
+        if source is not None:
             label, affine = (roi.mask, _affine_of(ct)) if source == "request label" else (
-                images[REGION_LABEL_INPUT], _affine_of(images[REGION_LABEL_INPUT]))
+                labels[source], _affine_of(labels[source]))
             tumor, nodes = split_region_label(label, affine, f"the regions' label ({source})")
             ignored = [name for name, present in given.items() if present and name != source]
             if ignored:
@@ -328,9 +340,9 @@ class SmurfPredictor(PredictorTemplate):
             return tumor, nodes, source, warnings
         if not given[f"{TUMOR_INPUT} image"]:
             raise InvalidRequest(
-                f"no tumor mask: save the regions on the CT as one label ({TUMOR_VALUE} primary tumor, {NODES_VALUE} "
-                f"lymph nodes) as '{REGION_LABEL_INPUT}', or give '{TUMOR_INPUT}' (and '{NODES_INPUT}') images, or "
-                "name their files in the study's sidecar", 400)
+                f"no tumor mask: draw the regions on the CT as two segments ({TUMOR_VALUE} primary tumor, {NODES_VALUE} "
+                f"lymph nodes) and save them on the study (Submit Label), or give a '{REGION_LABEL_INPUT}' image, or "
+                f"'{TUMOR_INPUT}' (and '{NODES_INPUT}') images, or name their files in the study's sidecar", 400)
         return images[TUMOR_INPUT], images.get(NODES_INPUT), f"{TUMOR_INPUT} + {NODES_INPUT} images", warnings
 
     def _path_field(self, fields: Mapping[str, Any], name: str, folder: Path | None,
