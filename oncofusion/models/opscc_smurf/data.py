@@ -15,8 +15,9 @@ with its tumor outline, the grade and the disease-free survival. The bundle's co
   regions show, not where they lie; 60-odd training patients memorise positions otherwise);
 - :func:`record_transforms`: the above for the modalities a variant reads, as one flat ``Compose`` (so a
   ``CacheDataset`` caches everything up to the first random step);
-- :func:`fit_wsi_statistics`: the training grids' channel statistics into the network, which
-  standardises every grid with them (and saves them with its weights);
+- :class:`WsiStatisticsHandler` (:func:`fit_wsi_statistics`): when training starts, the training grids'
+  channel statistics into the network, which standardises every grid with them (and saves them with
+  its weights);
 - :class:`FragmentCollate`: patients have different numbers of tissue fragments, so a batch pads ``wsi``
   to the batch's largest ``n`` with zero grids and says which are real in ``wsi_mask`` ``(B, n)``.
 
@@ -191,6 +192,24 @@ def fit_wsi_statistics(network: SmurfNet, datalist: Sequence[Mapping[str, Any]],
     network.set_wsi_statistics(mean, std)
     logger.info("slide grids standardised with the statistics of %d training slides", len(datalist))
     return network
+
+
+class WsiStatisticsHandler:
+    """Trainer handler: when training starts, :func:`fit_wsi_statistics` on the training split. At the
+    start, not when the config builds the network, so that building a trainer reads no data."""
+
+    def __init__(self, network: SmurfNet, datalist: Sequence[Mapping[str, Any]], slide_transform: SlideGridd):
+        self.network = network
+        self.datalist = datalist
+        self.slide_transform = slide_transform
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Any) -> None:
+        fit_wsi_statistics(self.network, self.datalist, self.slide_transform)
 
 
 class RandGridCellDropoutd(RandomizableTransform, MapTransform):
