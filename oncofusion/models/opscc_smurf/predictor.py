@@ -9,9 +9,9 @@ The hooks of :class:`~oncofusion.predictor.PredictorTemplate`:
   image (the same two-valued label, e.g. the segmentation saved on the study: segment 1 the tumor,
   segment 2 the nodes), (3) the ``tumor_mask`` and ``node_mask`` images (any value > 0 inside; no node
   mask = no nodes, N0), (4) the label saved on the study (tag ``final``: the two segments a user drew in
-  3D Slicer and saved with "Submit Label", in the same two values). An image not sent is read from the path its name gives in the study's sidecar
-  (``"tumor_mask": "labels/tumor/<case>.nii.gz"``, under ``mask_dir``): the masks live beside the studies,
-  not among them. The slide is a path in the ``slide`` field (the study's sidecar, or the request, under
+  3D Slicer and saved with "Submit Label", in the same two values). An image not sent is read from the
+  path its name gives in the study's sidecar (``"tumor_mask": "labels/tumor/<case>.nii.gz"``, under
+  ``mask_dir``): the masks live beside the studies, not among them. The slide is a path in the ``slide`` field (the study's sidecar, or the request, under
   ``slide_dir``), checked to exist and to open with OpenSlide; its tumour outline is the ``slide_annotation``
   GeoJSON, or the slide's sibling ``<name>.geojson``.
 - model inputs: the config's ``preprocessing`` (the inference sub-volume transforms, which must keep their
